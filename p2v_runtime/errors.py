@@ -1,0 +1,25 @@
+"""The errors a user can act on. Each carries a one-line message; front ends print it as is."""
+
+
+class P2VError(Exception):
+    """Base class: an edit could not be done, for a reason the message states."""
+
+
+class InputError(P2VError, ValueError):
+    """Input frames, depth or paths are unusable (missing, unreadable, inconsistent)."""
+
+
+class ModelLoadError(P2VError):
+    """A model id or folder could not be loaded."""
+
+
+class GpuOutOfMemory(P2VError):
+    """The device ran out of memory; the message names the setting to lower."""
+
+
+class EditCancelled(P2VError):
+    """The cancel flag was set; ``frames_done`` frames had been delivered."""
+
+    def __init__(self, frames_done: int):
+        super().__init__(f"cancelled after {frames_done} frame(s)")
+        self.frames_done = frames_done
