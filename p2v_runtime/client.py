@@ -1,0 +1,398 @@
+"""Client for ``p2v serve``: standard library only, so the Blender add-on can vendor it.
+
+The add-on copies this file and ``protocol.py`` side by side into its package; the import below
+finds the protocol both there and in ``p2v_runtime``. Frames go out as bytes-like objects
+(``bytes``, ``bytearray``, ``memoryview``, or anything with the buffer protocol such as a numpy
+array) of ``height * width * 3`` uint8 RGB, depth as ``height * width`` float32 (little-endian).
+Results come back as ``bytearray`` objects of the same layout.
+
+Typical use::
+
+    with Client.connect("127.0.0.1:50123", token) as client:
+        for message in client.run_job(settings, frames, width, height):
+            if message.type == "result": ...   # message["index"], message.payload
+            elif message.type == "progress": ...
+        # the last message is "done" (stats) or "cancelled"; an "error" raises RemoteError
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+try:
+    from . import protocol as P
+except ImportError:  # vendored as plain top-level modules
+    import protocol as P  # type: ignore[no-redef]
+
+ConnectionLost = P.ConnectionLost
+RemoteError = P.RemoteError
+ProtocolError = P.ProtocolError
+
+DEFAULT_PORT_HINT = "HOST:PORT, e.g. 127.0.0.1:50123"
+_POLL = 0.1  # seconds between looks at the cancel flag while waiting for the server
+
+
+class ServerBusy(RemoteError):
+    """The runtime is running another job."""
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[v6]:port"`` to (host, port), with a clear error for anything else."""
+    text = address.strip()
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad server address {address!r}: expected {DEFAULT_PORT_HINT}")
+    return host, int(port)
+
+
+def token_from_env(token_file: str | None = None) -> str:
+    """The token from ``token_file`` when given, else ``$P2V_TOKEN`` (empty when neither)."""
+    if token_file:
+        with open(token_file, encoding="utf-8") as handle:
+            return handle.read().strip()
+    return os.environ.get("P2V_TOKEN", "").strip()
+
+
+class Client:
+    """One connection to the runtime. Not for concurrent use, except :meth:`cancel` from any thread."""
+
+    def __init__(self, host: str, port: int, token: str, *, timeout: float = 30.0,
+                 connect_timeout: float = 10.0, name: str = "p2v-client"):
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.results_received = 0
+        self.server_info: dict = {}
+        self._send_lock = threading.Lock()
+        self._job_width = self._job_height = 0
+        self._closed = False
+        try:
+            self.sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to the runtime at {self.where}: {exc.strerror or exc}") from None
+        self.sock.settimeout(timeout)
+        P.tune_socket(self.sock)
+        try:
+            self._send({"type": "hello", "token": token, "protocol": P.PROTOCOL_VERSION, "client": name})
+            reply = self._expect("hello_ok", timeout)
+        except BaseException:
+            self.close()
+            raise
+        self.server_info = reply.header
+
+    @classmethod
+    def connect(cls, address: str, token: str | None = None, **kwargs) -> "Client":
+        host, port = parse_address(address)
+        return cls(host, port, token_from_env() if token is None else token, **kwargs)
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- requests ------------------------------------------------------------------------------
+
+    def ping(self) -> float:
+        """Round trip of a ping, in seconds."""
+        started = time.perf_counter()
+        self._send({"type": "ping", "t": time.time()})
+        self._expect("pong", self.timeout)
+        return time.perf_counter() - started
+
+    def submit(self, settings, frames: int, width: int, height: int, depth: bool = False) -> dict:
+        """Announce a job; return the ``job_ok`` header (``window``: frames allowed in flight)."""
+        if hasattr(settings, "to_dict"):
+            settings = settings.to_dict()
+        self._send({"type": "job", "settings": dict(settings), "frames": int(frames), "width": int(width),
+                    "height": int(height), "depth": bool(depth)})
+        self._job_width, self._job_height = int(width), int(height)
+        self.results_received = 0
+        return self._expect("job_ok", self.timeout).header
+
+    def send_frame(self, index: int, data, width: int | None = None, height: int | None = None) -> None:
+        self._send_image("frame", index, data, width, height)
+
+    def send_depth(self, index: int, data, width: int | None = None, height: int | None = None) -> None:
+        self._send_image("depth", index, data, width, height)
+
+    def cancel(self) -> None:
+        """Ask the runtime to stop the running job (safe from any thread); it answers ``cancelled``."""
+        self._send({"type": "cancel"})
+
+    def shutdown(self, token: str) -> None:
+        """Stop the runtime (it answers ``bye`` and exits)."""
+        self._send({"type": "shutdown", "token": token})
+        try:
+            self._expect("bye", self.timeout)
+        except ConnectionLost:
+            pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+    # --- a whole job ---------------------------------------------------------------------------
+
+    def run_job(self, settings, frames, width: int, height: int, *, count: int | None = None,
+                depth=None, cancel: threading.Event | None = None, window: int | None = None):
+        """Submit a job, stream its frames, and yield what comes back, ending with done/cancelled.
+
+        ``frames`` (and ``depth``) are sequences of bytes-like objects or callables ``f(i)``
+        returning one; at most ``window`` frames are sent ahead of the server's ``received``.
+        Yields ``received``-free messages: ``progress``, ``result`` (payload: bytearray RGB),
+        then ``done`` or ``cancelled``. Setting ``cancel`` sends ``cancel`` and the iteration ends
+        with the ``cancelled`` message. An ``error`` raises :class:`RemoteError`; a lost
+        connection raises :class:`ConnectionLost` (results already yielded stay with the caller).
+        """
+        if count is None:
+            count = len(frames)
+        get_frame = frames if callable(frames) else frames.__getitem__
+        get_depth = None if depth is None else (depth if callable(depth) else depth.__getitem__)
+        job_ok = self.submit(settings, count, width, height, depth is not None)
+        window = max(1, min(window or job_ok["window"], job_ok["window"]))
+        sent = acked = 0
+        cancel_sent = False
+        while True:
+            if cancel is not None and cancel.is_set() and not cancel_sent:
+                self.cancel()
+                cancel_sent = True
+            if not cancel_sent and sent < count and sent - acked < window:
+                self.send_frame(sent, get_frame(sent), width, height)
+                if get_depth is not None:
+                    self.send_depth(sent, get_depth(sent), width, height)
+                sent += 1
+                wait = 0.0  # only take what has already arrived, then send on
+            else:
+                wait = _POLL if cancel is not None and not cancel_sent else None
+            message = self.next_message(wait)
+            if message is None:
+                continue
+            kind = message.type
+            if kind == "received":
+                acked = max(acked, message["index"] + 1)
+            elif kind in ("progress", "pong"):
+                if kind == "progress":
+                    yield message
+            elif kind == "result":
+                yield message
+            elif kind in ("done", "cancelled"):
+                yield message
+                return
+            else:
+                raise ProtocolError(P.E_UNEXPECTED, f"unexpected {kind} message during a job from {self.where}")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def next_message(self, timeout: float | None = None) -> P.Message | None:
+        """The next message, or None if none starts within ``timeout`` (None: wait for ever).
+
+        ``error`` messages raise :class:`RemoteError` (:class:`ServerBusy` for ``busy``).
+        """
+        try:
+            if not P.wait_readable(self.sock, timeout):
+                return None
+            limit = self._job_width * self._job_height * 3 or P.MAX_PAYLOAD_BYTES
+            head = P.read_head(self.sock, max_payload=limit)
+            if head is None:
+                raise self._lost("the runtime closed the connection")
+            header, payload_len, _ = head
+            if header["type"] not in P.SERVER_TYPES:
+                raise ProtocolError(P.E_UNEXPECTED, f"the runtime sent a {header['type']} message")
+            payload = b""
+            if payload_len:
+                if header["type"] != "result" or header["shape"] != [self._job_height, self._job_width, 3]:
+                    raise ProtocolError(P.E_BAD_SHAPE, f"result of shape {header.get('shape')} for a {self._job_width}x{self._job_height} job")
+                payload = P.recv_exact(self.sock, payload_len)
+        except ConnectionLost:
+            raise
+        except P.ProtocolError as exc:
+            if exc.code in (P.E_TRUNCATED,):
+                raise self._lost(exc.message) from None
+            raise
+        except OSError as exc:
+            raise self._lost(f"connection error: {exc.strerror or exc}") from None
+        message = P.Message(header, payload)
+        if message.type == "result":
+            self.results_received += 1
+        elif message.type == "error":
+            cls = ServerBusy if header["code"] == P.E_BUSY else RemoteError
+            raise cls(header["code"], header["message"], fatal=header["fatal"])
+        return message
+
+    def _expect(self, kind: str, timeout: float) -> P.Message:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            message = self.next_message(max(0.0, left))
+            if message is None:
+                raise ConnectionLost(f"no {kind} from the runtime at {self.where} within {timeout:g} s", self.results_received)
+            if message.type == kind:
+                return message
+            if message.type in ("progress", "received", "pong"):
+                continue
+            raise ProtocolError(P.E_UNEXPECTED, f"expected {kind} from the runtime, got {message.type}")
+
+    def _lost(self, why: str) -> ConnectionLost:
+        return ConnectionLost(f"lost the connection to the runtime at {self.where} after {self.results_received} "
+                              f"result frame(s): {why}", self.results_received)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def _send_image(self, kind: str, index: int, data, width, height) -> None:
+        width = self._job_width if width is None else int(width)
+        height = self._job_height if height is None else int(height)
+        header = P.frame_header(kind, index, width, height)
+        view = _as_bytes_view(data)
+        expected = P.payload_size(header)
+        if view.nbytes != expected:
+            raise ValueError(f"{kind} {index} has {view.nbytes} bytes; {width}x{height} {header['dtype']} needs {expected}")
+        self._send(header, view)
+
+    def _send(self, header: dict, payload=None) -> None:
+        try:
+            with self._send_lock:
+                P.send_message(self.sock, header, payload)
+        except OSError as exc:
+            # The server may have said why before closing: report its error if one is waiting.
+            reason = self._pending_error()
+            if reason is not None:
+                raise reason from None
+            raise self._lost(f"sending failed: {exc.strerror or exc}") from None
+
+    def _pending_error(self) -> RemoteError | None:
+        try:
+            while P.wait_readable(self.sock, 0.2):
+                head = P.read_head(self.sock)
+                if head is None:
+                    return None
+                header, payload_len, _ = head
+                if payload_len:
+                    return None
+                if header["type"] == "error":
+                    return RemoteError(header["code"], header["message"], fatal=header["fatal"])
+        except (OSError, P.ProtocolError):
+            return None
+        return None
+
+
+def _as_bytes_view(data) -> memoryview:
+    view = memoryview(data)
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B") if (view.ndim != 1 or view.format != "B") else view
+
+
+# --- front ends ---------------------------------------------------------------------------------
+
+
+def edit_on_server(address: str, frames, settings, *, depth=None, progress=None, cancel=None,
+                   stats: dict | None = None, token: str | None = None):
+    """``edit_clip`` run by a server: same arguments, yields ``(index, image)`` in order.
+
+    ``frames``/``depth`` are the objects ``edit_clip`` takes (``len``, ``.size``, ``.read(i)``).
+    Images are numpy arrays when numpy is importable, else ``bytearray`` RGB. ``stats`` (a dict)
+    receives the server's ``done`` stats. Errors are raised as the matching ``P2VError`` when
+    ``p2v_runtime`` is importable (cancel: ``EditCancelled``), else as :class:`ProtocolError`.
+    """
+    width, height = frames.size
+    count = len(frames)
+    try:
+        import numpy as np
+    except ImportError:
+        np = None
+    try:
+        client = Client.connect(address, token)
+    except (ProtocolError, ValueError, OSError) as exc:
+        raise _as_p2v_error(exc) from None
+    with client:
+        try:
+            for message in client.run_job(settings, lambda i: frames.read(i), width, height, count=count,
+                                          depth=None if depth is None else (lambda i: depth.read(i)),
+                                          cancel=cancel):
+                if message.type == "progress":
+                    if progress is not None:
+                        progress(message["stage"], message["done"], message["total"])
+                elif message.type == "result":
+                    image = message.payload
+                    if np is not None:
+                        image = np.frombuffer(image, dtype=np.uint8).reshape(height, width, 3)
+                    yield message["index"], image
+                elif message.type == "done":
+                    if stats is not None:
+                        stats.update(message["stats"])
+                elif message.type == "cancelled":
+                    raise _cancelled(message["frames_done"])
+        except ProtocolError as exc:
+            raise _as_p2v_error(exc) from None
+
+
+def _cancelled(frames_done: int) -> Exception:
+    try:
+        from .errors import EditCancelled
+    except ImportError:
+        return RemoteError("cancelled", f"cancelled after {frames_done} frame(s)", fatal=False)
+    return EditCancelled(frames_done)
+
+
+def _as_p2v_error(exc: Exception) -> Exception:
+    """The runtime's own error classes for a remote failure, so ``p2v edit --server`` reads the same."""
+    try:
+        from . import errors
+        from .settings import SettingsError
+    except ImportError:
+        return exc
+    code = getattr(exc, "code", None)
+    message = str(exc) if not isinstance(exc, ProtocolError) else exc.message
+    cls = {
+        P.E_SETTINGS: SettingsError, P.E_INPUT: errors.InputError, P.E_MODEL_LOAD: errors.ModelLoadError,
+        P.E_GPU_OOM: errors.GpuOutOfMemory,
+    }.get(code, errors.P2VError)
+    if isinstance(exc, ValueError) and not isinstance(exc, ProtocolError):
+        cls = errors.InputError
+    error = cls(message if cls is not errors.P2VError else f"runtime server: {message}")
+    error.code = code
+    return error
+
+
+def add_ping_arguments(parser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="runtime host (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, required=True, help="runtime port (the ready line's port)")
+    parser.add_argument("--token-file", default=None, help="file holding the token (default: $P2V_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the runtime (default 5)")
+
+
+def ping_main(args) -> int:
+    """``p2v ping``: exit 0 and print the round trip when the runtime answers, else 1 with the reason."""
+    import sys
+
+    try:
+        token = token_from_env(getattr(args, "token_file", None))
+    except OSError as exc:
+        print(f"p2v ping: cannot read --token-file: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        with Client(args.host, args.port, token, timeout=args.timeout, connect_timeout=args.timeout, name="p2v-ping") as client:
+            seconds = client.ping()
+            server = client.server_info.get("server", "p2v runtime")
+    except RemoteError as exc:
+        hint = " (set P2V_TOKEN or --token-file)" if exc.code == P.E_AUTH else ""
+        print(f"p2v ping: {args.host}:{args.port}: {exc.message}{hint}", file=sys.stderr)
+        return 1
+    except (ProtocolError, OSError) as exc:
+        print(f"p2v ping: {args.host}:{args.port}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+        return 1
+    print(f"pong from {args.host}:{args.port} ({server}, protocol {P.PROTOCOL_VERSION}): round trip {seconds * 1000:.2f} ms")
+    return 0

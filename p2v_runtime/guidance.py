@@ -1,0 +1,38 @@
+"""The guided latent update (PIX2VIDEO.md, "Guided latent update").
+
+For the early steps the sample is pulled towards the previous frame's clean-sample prediction:
+
+    x_(t-1)  <-  x_(t-1)  -  delta * grad g,     g = mean((x0_hat^i(t) - x0_hat^(i-1)(t))^2)
+
+Two ways to take the gradient:
+
+* ``x0`` (default, as the official code): with respect to a detached x0_hat, in closed form,
+  ``grad g = (2 / N) (x0_hat^i - x0_hat^(i-1))``; no backward pass.
+* ``autograd`` (the paper's notation): with respect to x_t, through the UNet; one backward pass
+  per updated step.
+
+g is the *mean* squared error in both modes (the official code's loss), so ``delta`` means the
+same thing in both.
+"""
+
+from __future__ import annotations
+
+
+def x0_gradient(x0_hat, x0_previous):
+    """Closed-form gradient of the mean squared distance with respect to x0_hat."""
+    difference = x0_hat.float() - x0_previous.float()
+    return (2.0 / difference.numel()) * difference
+
+
+def apply_update(sample, gradient, delta: float):
+    """One guided step: move the sample against the gradient, in the sample's dtype."""
+    return (sample.float() - delta * gradient.float()).to(sample.dtype)
+
+
+def autograd_gradient(sample_in, x0_hat, x0_previous):
+    """Gradient of the mean squared distance with respect to x_t (``sample_in`` requires grad)."""
+    import torch
+
+    distance = torch.nn.functional.mse_loss(x0_hat.float(), x0_previous.float(), reduction="mean")
+    (gradient,) = torch.autograd.grad(distance, sample_in)
+    return gradient

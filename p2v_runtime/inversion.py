@@ -1,0 +1,113 @@
+"""DDIM inversion of one frame (conditional only, guidance 1) and its on-disk cache.
+
+Inversions depend only on (frame, depth, model, source prompt, steps, size), not on the edit
+prompt, so a re-edit with another prompt reuses them and costs what plain depth-to-image costs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+CACHE_FORMAT = "p2v-inversion-v1"
+
+
+def default_cache_dir() -> Path:
+    """The per-user cache folder of each OS (XDG on Linux, Library/Caches, LocalAppData)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("p2v", appauthor=False)) / "inversions"
+
+
+def inversion_key(
+    rgb: np.ndarray,
+    depth: np.ndarray,
+    model_fingerprint: str,
+    source_prompt: str,
+    steps: int,
+    device: str,
+    dtype: str,
+) -> str:
+    """Content hash of everything the inverted noise depends on (size is in the arrays' shapes)."""
+    digest = hashlib.sha256()
+    for part in (CACHE_FORMAT, model_fingerprint, source_prompt, str(steps), device, dtype):
+        digest.update(part.encode("utf-8"))
+        digest.update(b"\0")
+    for array in (np.ascontiguousarray(rgb, dtype=np.uint8), np.ascontiguousarray(depth, dtype=np.float32)):
+        digest.update(repr(array.shape).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+class InversionCache:
+    """Inverted latents as .npy files named by their key, written atomically.
+
+    A cache that cannot be written (read-only disk, full disk) costs time on the next edit, never
+    the edit itself: failures to store are reported once through ``warn`` and ignored.
+    """
+
+    def __init__(self, folder: str | os.PathLike, warn: Callable[[str], None] | None = None):
+        self.folder = Path(folder)
+        self._warn = warn
+        self._warned = False
+
+    def load(self, key: str) -> np.ndarray | None:
+        path = self.folder / f"{key}.npy"
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def store(self, key: str, latent: np.ndarray) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle, temp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=self.folder)
+            with os.fdopen(handle, "wb") as stream:
+                np.save(stream, latent, allow_pickle=False)
+            os.replace(temp, self.folder / f"{key}.npy")
+        except OSError as exc:
+            if self._warn and not self._warned:
+                self._warned = True
+                self._warn(f"inversion cache {self.folder} is not writable ({exc.strerror}); continuing without it")
+
+
+def encode_latent(pipeline, rgb: np.ndarray):
+    """VAE posterior mean times the scaling factor (deterministic, unlike a posterior sample)."""
+    import torch
+    from PIL import Image
+
+    pipe = pipeline.pipe
+    image = pipe.image_processor.preprocess(Image.fromarray(rgb)).to(pipeline.device, pipeline.dtype)
+    with torch.no_grad():
+        posterior = pipe.vae.encode(image).latent_dist
+    # The VAE may hand back a channels-last tensor; a cached latent comes back contiguous, and
+    # the UNet's kernels differ in the last bits between layouts: keep one layout everywhere.
+    return (posterior.mean * pipe.vae.config.scaling_factor).contiguous()
+
+
+def invert(pipeline, latent, depth, source_embedding, steps: int, before_step: Callable[[int], None] | None = None):
+    """Run the DDIM schedule backwards from the clean latent to x_T.
+
+    One conditional UNet call per step (guidance 1): the official code's extra unconditional call
+    contributes nothing at guidance 1. ``depth`` is the (1, 1, h, w) model depth, ``before_step``
+    is called with each step index (progress, cancel).
+    """
+    import torch
+    from diffusers import DDIMInverseScheduler
+
+    scheduler = DDIMInverseScheduler.from_config(pipeline.pipe.scheduler.config)
+    scheduler.set_timesteps(steps, device=pipeline.device)
+    sample = latent
+    with torch.no_grad():
+        for index, timestep in enumerate(scheduler.timesteps):
+            if before_step:
+                before_step(index)
+            model_input = torch.cat([sample, depth], dim=1)
+            noise = pipeline.unet(model_input, timestep, encoder_hidden_states=source_embedding).sample
+            sample = scheduler.step(noise, timestep, sample).prev_sample
+    return sample.contiguous()

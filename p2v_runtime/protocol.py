@@ -1,0 +1,414 @@
+"""The wire format between the Blender add-on (or any client) and ``p2v serve``.
+
+Standard library only: the add-on vendors this file verbatim next to its client, and importing it
+must never pull in numpy or torch. ``docs/protocol.md`` is the prose version of this module.
+
+Every message is::
+
+    +-------+---------+----------------+-----------------+---------------------+-----------+
+    | "P2V" | version | header length  | payload length  | header: UTF-8 JSON  | payload   |
+    | 3 B   | 1 B     | 4 B, uint32 BE | 8 B, uint64 BE  | object with "type"  | raw bytes |
+    +-------+---------+----------------+-----------------+---------------------+-----------+
+
+Nothing on the wire is unpickled or evaluated: headers are plain JSON checked field by field
+against :data:`SCHEMAS`, payloads are raw pixels whose length must equal what the header's
+``shape`` and ``dtype`` imply. Every length is checked against the limits before a buffer of
+that size exists.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import select
+import socket
+import struct
+
+PROTOCOL_VERSION = 1
+MAGIC = b"P2V"
+PREFIX = struct.Struct(">3sBIQ")  # magic, version, header length, payload length
+PREFIX_SIZE = PREFIX.size  # 16
+
+# Limits, checked before allocating. A frame of the largest allowed size (8K UHD) as float32
+# depth is the largest payload; the header carries settings and stats, never pixels.
+MAX_HEADER_BYTES = 64 * 1024
+MAX_FRAME_SIDE = 8192
+MAX_FRAME_PIXELS = 7680 * 4320
+MAX_FRAMES = 100_000
+MAX_PAYLOAD_BYTES = MAX_FRAME_PIXELS * 4
+MAX_STRING = 16 * 1024  # any single string field
+DEFAULT_WINDOW = 8  # frames a client may have in flight (sent, not yet "received")
+
+# Payload element types, all little-endian on the wire.
+DTYPE_SIZES = {"uint8": 1, "float32": 4}
+
+# Error codes. ``fatal`` in the error message says whether the connection is closed after it.
+E_BAD_MAGIC = "bad_magic"
+E_VERSION = "version"
+E_HEADER_TOO_LARGE = "header_too_large"
+E_PAYLOAD_TOO_LARGE = "payload_too_large"
+E_BAD_HEADER = "bad_header"
+E_UNKNOWN_TYPE = "unknown_type"
+E_UNEXPECTED = "unexpected_type"
+E_BAD_LENGTH = "bad_length"
+E_BAD_SHAPE = "bad_shape"
+E_LIMIT = "limit"
+E_ORDER = "order"
+E_TRUNCATED = "truncated"
+E_TIMEOUT = "timeout"
+E_NOT_AUTHENTICATED = "not_authenticated"
+E_AUTH = "auth"
+E_BUSY = "busy"
+E_TOO_MANY = "too_many_connections"
+E_SHUTTING_DOWN = "shutting_down"
+E_DISK = "disk_full"
+E_SETTINGS = "settings"
+E_INPUT = "input"
+E_MODEL_LOAD = "model_load"
+E_GPU_OOM = "gpu_oom"
+E_EDIT_FAILED = "edit_failed"
+E_INTERNAL = "internal"
+
+ERROR_CODES = (
+    E_BAD_MAGIC, E_VERSION, E_HEADER_TOO_LARGE, E_PAYLOAD_TOO_LARGE, E_BAD_HEADER, E_UNKNOWN_TYPE,
+    E_UNEXPECTED, E_BAD_LENGTH, E_BAD_SHAPE, E_LIMIT, E_ORDER, E_TRUNCATED, E_TIMEOUT,
+    E_NOT_AUTHENTICATED, E_AUTH, E_BUSY, E_TOO_MANY, E_SHUTTING_DOWN, E_DISK, E_SETTINGS, E_INPUT,
+    E_MODEL_LOAD, E_GPU_OOM, E_EDIT_FAILED, E_INTERNAL,
+)
+
+
+class ProtocolError(Exception):
+    """The peer broke the wire format, or the exchange cannot go on; ``code`` names why."""
+
+    def __init__(self, code: str, message: str, *, fatal: bool = True):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+
+
+class RemoteError(ProtocolError):
+    """The other side answered with an ``error`` message."""
+
+    def __str__(self) -> str:
+        return f"{self.message} [{self.code}]"
+
+
+class ConnectionLost(ProtocolError):
+    """The connection closed or failed; ``results_received`` results had arrived before that."""
+
+    def __init__(self, message: str, results_received: int = 0):
+        super().__init__("connection_lost", message)
+        self.results_received = results_received
+
+
+# --- message schemas ---------------------------------------------------------------------------
+
+_REQ, _OPT = True, False
+# field -> (kind, required). Kinds: "str", "int", "bool", "num", "obj", "shape".
+SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
+    # client -> server
+    "hello": {"token": ("str", _REQ), "protocol": ("int", _REQ), "client": ("str", _OPT)},
+    "job": {
+        "settings": ("obj", _REQ), "frames": ("int", _REQ), "width": ("int", _REQ),
+        "height": ("int", _REQ), "depth": ("bool", _REQ),
+    },
+    "frame": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
+    "depth": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
+    "cancel": {},
+    "ping": {"t": ("num", _OPT)},
+    "shutdown": {"token": ("str", _REQ)},
+    # server -> client
+    "hello_ok": {
+        "protocol": ("int", _REQ), "server": ("str", _REQ), "pid": ("int", _REQ),
+        "busy": ("bool", _REQ), "limits": ("obj", _OPT),
+    },
+    "job_ok": {"job": ("str", _REQ), "frames": ("int", _REQ), "window": ("int", _REQ)},
+    "received": {"index": ("int", _REQ)},
+    "progress": {"stage": ("str", _REQ), "done": ("int", _REQ), "total": ("int", _REQ)},
+    "result": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
+    "done": {"frames": ("int", _REQ), "stats": ("obj", _REQ)},
+    "cancelled": {"frames_done": ("int", _REQ)},
+    "error": {"code": ("str", _REQ), "message": ("str", _REQ), "fatal": ("bool", _REQ)},
+    "pong": {"t": ("num", _OPT)},
+    "bye": {},
+}
+CLIENT_TYPES = frozenset({"hello", "job", "frame", "depth", "cancel", "ping", "shutdown"})
+SERVER_TYPES = frozenset(SCHEMAS) - CLIENT_TYPES
+# Types that carry a payload, with their fixed element type and channel count (None: HxW).
+PAYLOAD_TYPES = {"frame": ("uint8", 3), "result": ("uint8", 3), "depth": ("float32", None)}
+
+_INT_MAX = 2**63 - 1
+
+
+class Message:
+    """One decoded message: its type, its JSON header (a dict) and its raw payload."""
+
+    __slots__ = ("type", "header", "payload")
+
+    def __init__(self, header: dict, payload=b""):
+        self.type = header["type"]
+        self.header = header
+        self.payload = payload
+
+    def __getitem__(self, key):
+        return self.header[key]
+
+    def get(self, key, default=None):
+        return self.header.get(key, default)
+
+    def __repr__(self) -> str:
+        return f"Message({self.header!r}, <{len(self.payload)} bytes>)"
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+
+def encode_head(header: dict, payload_len: int = 0) -> bytes:
+    """Prefix plus JSON header for ``header``; the payload (if any) is sent after it as is."""
+    data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    if len(data) > MAX_HEADER_BYTES:
+        raise ProtocolError(E_HEADER_TOO_LARGE, f"header of {len(data)} bytes is over the {MAX_HEADER_BYTES} byte limit")
+    return PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(data), payload_len) + data
+
+
+def pack(header: dict, payload=b"") -> bytes:
+    """A whole message as one bytes object (tests and small messages)."""
+    return encode_head(header, len(payload)) + bytes(payload)
+
+
+def frame_header(kind: str, index: int, width: int, height: int) -> dict:
+    """Header of a ``frame``, ``depth`` or ``result`` message for an image of width x height."""
+    dtype, channels = PAYLOAD_TYPES[kind]
+    shape = [height, width] if channels is None else [height, width, channels]
+    return {"type": kind, "index": index, "shape": shape, "dtype": dtype}
+
+
+def error_header(code: str, message: str, fatal: bool) -> dict:
+    return {"type": "error", "code": code, "message": _one_line(message), "fatal": bool(fatal)}
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+# --- decoding and validation -------------------------------------------------------------------
+
+
+def parse_prefix(data: bytes, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, int]:
+    """Check the fixed 16-byte prefix; return (header length, payload length)."""
+    if len(data) != PREFIX_SIZE:
+        raise ProtocolError(E_TRUNCATED, f"message prefix is {len(data)} bytes, expected {PREFIX_SIZE}")
+    magic, version, header_len, payload_len = PREFIX.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(E_BAD_MAGIC, "not a p2v message (bad magic bytes)")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(E_VERSION, f"peer speaks p2v protocol {version}, this side speaks {PROTOCOL_VERSION}: update the add-on or the runtime so they match")
+    if header_len == 0:
+        raise ProtocolError(E_BAD_HEADER, "empty message header")
+    if header_len > max_header:
+        raise ProtocolError(E_HEADER_TOO_LARGE, f"header of {header_len} bytes is over the {max_header} byte limit")
+    if payload_len > max_payload:
+        raise ProtocolError(E_PAYLOAD_TOO_LARGE, f"payload of {payload_len} bytes is over the {max_payload} byte limit")
+    return header_len, payload_len
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_header(data: bytes) -> dict:
+    """Decode and validate a JSON header against :data:`SCHEMAS`; return it as a dict."""
+    try:
+        text = bytes(data).decode("utf-8")
+        header = json.loads(text, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(E_BAD_HEADER, f"message header is not UTF-8 JSON ({type(exc).__name__})") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(E_BAD_HEADER, "message header is not a JSON object")
+    kind = header.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(E_BAD_HEADER, 'message header has no "type" string')
+    schema = SCHEMAS.get(kind)
+    if schema is None:
+        raise ProtocolError(E_UNKNOWN_TYPE, f"unknown message type {kind[:40]!r}")
+    for name, (field_kind, required) in schema.items():
+        if name not in header:
+            if required:
+                raise ProtocolError(E_BAD_HEADER, f"{kind} message lacks field {name!r}")
+            continue
+        _check_field(kind, name, field_kind, header[name])
+    if kind in PAYLOAD_TYPES:
+        _check_image_fields(kind, header)
+    return header
+
+
+def _check_field(kind: str, name: str, field_kind: str, value) -> None:
+    ok = True
+    if field_kind == "str":
+        ok = isinstance(value, str) and len(value) <= MAX_STRING
+    elif field_kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool) and -_INT_MAX <= value <= _INT_MAX
+    elif field_kind == "bool":
+        ok = isinstance(value, bool)
+    elif field_kind == "num":
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    elif field_kind == "obj":
+        ok = isinstance(value, dict)
+    elif field_kind == "shape":
+        ok = (
+            isinstance(value, list) and 2 <= len(value) <= 3
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        )
+    if not ok:
+        raise ProtocolError(E_BAD_HEADER, f"{kind} message has a bad {name!r} field")
+
+
+def _check_image_fields(kind: str, header: dict) -> None:
+    dtype, channels = PAYLOAD_TYPES[kind]
+    if header["dtype"] != dtype:
+        raise ProtocolError(E_BAD_HEADER, f"{kind} payload must be {dtype}, got {str(header['dtype'])[:20]!r}")
+    shape = header["shape"]
+    want = 2 if channels is None else 3
+    if len(shape) != want or (channels is not None and shape[2] != channels):
+        raise ProtocolError(E_BAD_SHAPE, f"{kind} shape must be {'[height, width]' if channels is None else '[height, width, 3]'}, got {shape}")
+    height, width = shape[0], shape[1]
+    check_frame_size(width, height)
+    if not 0 <= header["index"] < MAX_FRAMES:
+        raise ProtocolError(E_LIMIT, f"{kind} index {header['index']} is outside 0..{MAX_FRAMES - 1}")
+
+
+def check_frame_size(width: int, height: int) -> None:
+    """Raise unless width x height is within the frame limits."""
+    if not (1 <= width <= MAX_FRAME_SIDE and 1 <= height <= MAX_FRAME_SIDE):
+        raise ProtocolError(E_LIMIT, f"frame size {width}x{height} is outside 1..{MAX_FRAME_SIDE} per side")
+    if width * height > MAX_FRAME_PIXELS:
+        raise ProtocolError(E_LIMIT, f"frame size {width}x{height} is over the {MAX_FRAME_PIXELS} pixel limit")
+
+
+def payload_size(header: dict) -> int:
+    """Bytes of payload a validated header implies: product of its shape times its dtype size."""
+    if header["type"] not in PAYLOAD_TYPES:
+        return 0
+    size = DTYPE_SIZES[header["dtype"]]
+    for dim in header["shape"]:
+        size *= dim
+    return size
+
+
+def check_payload_length(header: dict, payload_len: int) -> int:
+    """Raise ``bad_length`` unless the announced payload length is what the header implies."""
+    expected = payload_size(header)
+    if payload_len != expected:
+        raise ProtocolError(E_BAD_LENGTH, f"{header['type']} payload is announced as {payload_len} bytes, its shape and dtype need {expected}")
+    return expected
+
+
+def decode(data: bytes, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[Message, int]:
+    """Decode the first whole message in ``data``; return it and the bytes it used.
+
+    The in-memory twin of :func:`read_message` (tests, fuzzing, buffers). Raises
+    ``ProtocolError("truncated")`` when ``data`` ends before the message does.
+    """
+    view = memoryview(data)
+    if len(view) < PREFIX_SIZE:
+        raise ProtocolError(E_TRUNCATED, "data ends inside the message prefix")
+    header_len, payload_len = parse_prefix(bytes(view[:PREFIX_SIZE]), max_header=max_header, max_payload=max_payload)
+    end_header = PREFIX_SIZE + header_len
+    if len(view) < end_header:
+        raise ProtocolError(E_TRUNCATED, "data ends inside the message header")
+    header = parse_header(view[PREFIX_SIZE:end_header])
+    check_payload_length(header, payload_len)
+    end = end_header + payload_len
+    if len(view) < end:
+        raise ProtocolError(E_TRUNCATED, "data ends inside the message payload")
+    return Message(header, bytes(view[end_header:end])), end
+
+
+# --- socket helpers ----------------------------------------------------------------------------
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; ``truncated`` on end of stream, ``timeout`` on a stall.
+
+    The socket's own timeout is the stall limit: each ``recv`` must make progress within it.
+    """
+    got = 0
+    total = len(view)
+    while got < total:
+        try:
+            n = sock.recv_into(view[got:], total - got)
+        except socket.timeout:
+            raise ProtocolError(E_TIMEOUT, f"peer stopped sending mid-message ({got} of {total} bytes)") from None
+        if n == 0:
+            raise ProtocolError(E_TRUNCATED, f"connection closed mid-message ({got} of {total} bytes)")
+        got += n
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytearray:
+    buf = bytearray(size)
+    recv_exact_into(sock, memoryview(buf))
+    return buf
+
+
+def tune_socket(sock: socket.socket) -> None:
+    """No Nagle delay for the small control messages (buffer sizes stay with the kernel's autotuning)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def wait_readable(sock: socket.socket, timeout: float | None) -> bool:
+    """True when a read on ``sock`` would not block (data or end of stream) within ``timeout``."""
+    readable, _, _ = select.select([sock], [], [], timeout)
+    return bool(readable)
+
+
+def read_head(sock: socket.socket, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[dict, int, int] | None:
+    """Read prefix and header of the next message: (header, payload length, bytes read so far).
+
+    None on a clean end of stream before the first byte. The payload is left on the socket so
+    the caller can check its length against what it expects (the job's frame shape) before
+    allocating anything for it.
+    """
+    prefix = bytearray(PREFIX_SIZE)
+    view = memoryview(prefix)
+    try:
+        first = sock.recv_into(view, PREFIX_SIZE)
+    except socket.timeout:
+        raise ProtocolError(E_TIMEOUT, "peer sent nothing within the read timeout") from None
+    if first == 0:
+        return None
+    if first < PREFIX_SIZE:
+        recv_exact_into(sock, view[first:])
+    header_len, payload_len = parse_prefix(bytes(prefix), max_header=max_header, max_payload=max_payload)
+    header = parse_header(recv_exact(sock, header_len))
+    check_payload_length(header, payload_len)
+    return header, payload_len, PREFIX_SIZE + header_len
+
+
+def read_message(sock: socket.socket, *, max_payload: int = MAX_PAYLOAD_BYTES) -> Message | None:
+    """Read one whole message (header checked before the payload buffer is made)."""
+    head = read_head(sock, max_payload=max_payload)
+    if head is None:
+        return None
+    header, payload_len, _ = head
+    return Message(header, recv_exact(sock, payload_len) if payload_len else b"")
+
+
+def send_message(sock: socket.socket, header: dict, payload=None) -> int:
+    """Send one message; return the bytes written. ``payload`` is any bytes-like object."""
+    if payload is None:
+        data = encode_head(header)
+        sock.sendall(data)
+        return len(data)
+    view = memoryview(payload).cast("B")
+    head = encode_head(header, len(view))
+    if len(view) <= 65536:
+        sock.sendall(head + view.tobytes())
+    else:
+        sock.sendall(head)
+        sock.sendall(view)
+    return len(head) + len(view)

@@ -1,0 +1,104 @@
+"""Shared fixtures: the tiny random-weight models (built once per checkout) and synthetic clips."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def _tiny_models_root() -> Path:
+    """Rebuilt when tiny_models.py changes, reused otherwise (CI builds it once per run)."""
+    source = (REPO / "p2v_runtime" / "tiny_models.py").read_bytes()
+    version = hashlib.sha256(source).hexdigest()[:12]
+    base = Path(os.environ.get("P2V_TEST_CACHE", REPO / ".cache"))
+    return base / f"tiny-models-{version}"
+
+
+@pytest.fixture(scope="session")
+def tiny_models() -> dict[str, Path]:
+    from p2v_runtime.tiny_models import write_tiny_models
+
+    root = _tiny_models_root()
+    names = ("sd2-depth", "blip", "clip")
+    if not all((root / name / ".complete").exists() for name in names):
+        for stale in root.parent.glob("tiny-models-*"):
+            if stale != root:
+                shutil.rmtree(stale, ignore_errors=True)
+        write_tiny_models(root)
+        for name in names:
+            (root / name / ".complete").write_text("ok\n")
+    return {name: root / name for name in names}
+
+
+@pytest.fixture
+def tiny_settings(tiny_models, tmp_path):
+    """Settings for a fast edit on the tiny models; tests override what they examine."""
+    from p2v_runtime.settings import EditSettings
+
+    def make(**overrides) -> EditSettings:
+        values = dict(
+            prompt="a red sports car",
+            source_prompt="a grey car on a road",
+            model=str(tiny_models["sd2-depth"]),
+            captioner=str(tiny_models["blip"]),
+            device="cpu",
+            steps=4,
+            size=64,
+            cache_dir=str(tmp_path / "inversion-cache"),
+        )
+        values.update(overrides)
+        return EditSettings(**values).validate()
+
+    return make
+
+
+def synthetic_frames(count: int, width: int = 64, height: int = 64, seed: int = 0) -> list[np.ndarray]:
+    """A square moving across a gradient: simple, deterministic, and different per frame."""
+    rng = np.random.default_rng(seed)
+    background = np.zeros((height, width, 3), np.uint8)
+    background[..., 0] = np.linspace(20, 235, width, dtype=np.uint8)[None, :]
+    background[..., 1] = np.linspace(200, 40, height, dtype=np.uint8)[:, None]
+    background[..., 2] = rng.integers(60, 90)
+    frames = []
+    side = max(8, min(width, height) // 3)
+    for index in range(count):
+        frame = background.copy()
+        x = (index * 3) % max(1, width - side)
+        y = height // 3
+        frame[y : y + side, x : x + side] = (230, 40, 40)
+        frames.append(frame)
+    return frames
+
+
+class ArrayFrames:
+    """An in-memory clip with the FrameSource interface (what the editor reads)."""
+
+    def __init__(self, frames: list[np.ndarray]):
+        self.frames = frames
+        self.size = (frames[0].shape[1], frames[0].shape[0])
+        self.description = "synthetic clip"
+        self.reads = 0
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def read(self, index: int) -> np.ndarray:
+        self.reads += 1
+        return self.frames[index]
+
+
+def write_png_clip(folder: Path, frames: list[np.ndarray]) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"frame_{index:04d}.png")
+    return folder

@@ -1,0 +1,291 @@
+"""Properties of the Pix2Video edit, on the tiny random-weight models (no mocks of torch/diffusers).
+
+A random model cannot show image quality; these properties fail when a step of the algorithm is
+wrong: injection, inversion, the guided update, the cost model, cancel and order.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import ArrayFrames, synthetic_frames
+from p2v_runtime.editor import EditStats, edit_clip
+from p2v_runtime.errors import EditCancelled
+
+
+def run_edit(frames, settings, **kwargs):
+    stats = EditStats()
+    results = list(edit_clip(ArrayFrames(frames), settings, stats=stats, **kwargs))
+    return [rgb for _, rgb in results], stats
+
+
+def distance(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).mean())
+
+
+# -- self-attention injection ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layers", ["decoder", "all"])
+def test_injecting_own_features_reproduces_plain_sampler_exactly(tiny_settings, layers):
+    # Frame 2 repeats frame 1: its trajectory meets the anchor's features at every step, so
+    # K/V from the anchor are its own features and the output must equal the plain (frame 1) one.
+    frame = synthetic_frames(1)[0]
+    settings = tiny_settings(injection="anchor", update="off", layers=layers)
+    outputs, _ = run_edit([frame, frame], settings)
+    assert np.array_equal(outputs[0], outputs[1])
+
+
+def test_injection_changes_the_frame_it_is_applied_to(tiny_settings):
+    frames = synthetic_frames(2)
+    plain, _ = run_edit(frames, tiny_settings(injection="none", update="off"))
+    injected, _ = run_edit(frames, tiny_settings(injection="anchor", update="off"))
+    assert np.array_equal(plain[0], injected[0]), "frame 1 is never injected"
+    assert not np.array_equal(plain[1], injected[1])
+
+
+class AttentionOutputs:
+    """Records every self-attention (attn1) layer's output during the batched edit calls."""
+
+    def __init__(self, unet):
+        self.calls: list[dict[str, np.ndarray]] = []
+        self.handles = []
+        self.current: dict[str, np.ndarray] = {}
+        for name, module in unet.named_modules():
+            if name.endswith("attn1"):
+                self.handles.append(module.register_forward_hook(self._hook(name)))
+        self.handles.append(unet.register_forward_pre_hook(self._start))
+
+    def _start(self, module, args):
+        self.current = {}
+        self.calls.append(self.current)
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            if output.shape[0] == 2:  # edit calls carry both guidance branches; inversion has one
+                self.current[name] = output.detach().float().numpy().copy()
+
+        return hook
+
+    def first_step_of(self, frame: int, steps: int) -> dict[str, np.ndarray]:
+        edit_calls = [call for call in self.calls if call]
+        return edit_calls[frame * steps]
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def attention_at_first_step(tiny_settings, frames, steps, **overrides):
+    from p2v_runtime.models import load_depth_pipeline
+
+    settings = tiny_settings(update="off", steps=steps, **overrides)
+    pipeline, _ = load_depth_pipeline(settings.model, settings.device, settings.dtype)
+    recorder = AttentionOutputs(pipeline.unet)
+    try:
+        run_edit(frames, settings)
+    finally:
+        recorder.close()
+    return [recorder.first_step_of(index, steps) for index in range(len(frames))]
+
+
+def changed_layers(a: dict, b: dict) -> set[str]:
+    assert a.keys() == b.keys()
+    return {name for name in a if not np.array_equal(a[name], b[name])}
+
+
+def test_injection_modes_change_only_the_expected_layers(tiny_settings):
+    frames = synthetic_frames(3)
+    steps = 2
+    runs = {
+        mode: attention_at_first_step(tiny_settings, frames, steps, injection=mode)
+        for mode in ("none", "anchor", "previous", "anchor+previous")
+    }
+    all_decoder = attention_at_first_step(tiny_settings, frames, steps, injection="anchor", layers="all")
+    names = set(runs["none"][0])
+    decoder = {name for name in names if name.startswith("up_blocks.")}
+    encoder = names - decoder
+    assert {name.split(".attentions")[0] for name in decoder} == {"up_blocks.1", "up_blocks.2", "up_blocks.3"}
+    assert len(decoder) == 9, "SD 2 has three transformer blocks in each of up_blocks 1..3"
+
+    for mode in ("anchor", "previous", "anchor+previous"):
+        # Frame 1 is generated without injection in every mode.
+        assert changed_layers(runs["none"][0], runs[mode][0]) == set()
+        # At the first step of frame 2, only decoder layers see other features; the encoder runs
+        # before them and must be untouched.
+        assert changed_layers(runs["none"][1], runs[mode][1]) == decoder
+    # For frame 2 the anchor is the previous frame: both modes read the same features.
+    assert changed_layers(runs["anchor"][1], runs["previous"][1]) == set()
+    # For frame 3 they differ (frame 1 vs frame 2), and anchor+previous differs from both.
+    assert changed_layers(runs["anchor"][2], runs["previous"][2]) == decoder
+    assert changed_layers(runs["anchor+previous"][2], runs["anchor"][2]) == decoder
+    assert changed_layers(runs["anchor+previous"][2], runs["previous"][2]) == decoder
+    # --layers all injects in the encoder and middle block too.
+    assert changed_layers(runs["none"][1], all_decoder[1]) == decoder | encoder
+
+
+def test_feature_cache_holds_only_frames_still_needed(tiny_settings):
+    short, short_stats = run_edit(synthetic_frames(3), tiny_settings(update="off"))
+    _, long_stats = run_edit(synthetic_frames(6), tiny_settings(update="off"))
+    _, anchor_stats = run_edit(synthetic_frames(3), tiny_settings(injection="anchor", update="off"))
+    _, none_stats = run_edit(synthetic_frames(3), tiny_settings(injection="none", update="off"))
+    assert short_stats.feature_cache_bytes > 0
+    assert long_stats.feature_cache_bytes == short_stats.feature_cache_bytes, "anchor+previous+current, any length"
+    # anchor only: the anchor is recorded once, later frames record nothing.
+    assert anchor_stats.feature_cache_bytes * 3 == short_stats.feature_cache_bytes
+    assert none_stats.feature_cache_bytes == 0
+
+
+# -- inversion ---------------------------------------------------------------------------------
+
+
+def test_inversion_then_sampling_with_source_prompt_reconstructs_the_latent(tiny_settings):
+    import torch
+
+    from p2v_runtime.editor import _ClipEditor  # noqa: F401  (sampling path under test is edit_clip)
+    from p2v_runtime.inversion import encode_latent
+    from p2v_runtime.models import load_depth_pipeline
+
+    frames = synthetic_frames(2)
+    prompt = "a grey car on a road"
+    settings = tiny_settings(prompt=prompt, source_prompt=prompt, guidance=1.0, injection="none", update="off",
+                             steps=50)
+    pipeline, _ = load_depth_pipeline(settings.model, settings.device, settings.dtype)
+    outputs, _ = run_edit(frames, settings)
+
+    def roundtrip(rgb):
+        latent = encode_latent(pipeline, rgb)
+        with torch.no_grad():
+            image = pipeline.vae.decode(latent / pipeline.vae.config.scaling_factor).sample
+        array = pipeline.pipe.image_processor.postprocess(image, output_type="np")[0]
+        return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
+
+    reference = [roundtrip(frame) for frame in frames]
+    error = distance(outputs[0], reference[0])
+    between_frames = distance(reference[0], reference[1])
+    assert error < 0.1 * between_frames, (error, between_frames)
+
+
+def test_reedit_with_another_prompt_inverts_nothing(tiny_settings):
+    frames = synthetic_frames(3)
+    steps = 3
+    _, first = run_edit(frames, tiny_settings(steps=steps))
+    _, again = run_edit(frames, tiny_settings(steps=steps, prompt="a wooden toy car"))
+    assert first.unet_calls_inversion == steps * len(frames)
+    assert first.unet_calls_edit == steps * len(frames)
+    assert first.unet_calls == 2 * steps * len(frames)
+    assert first.inversion_cache_hits == 0
+    assert again.unet_calls_inversion == 0
+    assert again.inversion_cache_hits == len(frames)
+    assert again.unet_calls == steps * len(frames)
+    # Another source prompt is another inversion.
+    _, other_source = run_edit(frames, tiny_settings(steps=steps, source_prompt="a blue van"))
+    assert other_source.inversion_cache_hits == 0
+
+
+def test_cached_inversion_gives_the_same_edit(tiny_settings):
+    frames = synthetic_frames(2)
+    first, _ = run_edit(frames, tiny_settings())
+    second, stats = run_edit(frames, tiny_settings())
+    assert stats.inversion_cache_hits == 2
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+# -- guided latent update ----------------------------------------------------------------------
+
+
+def test_guided_update_pulls_towards_previous_frame_and_modes_agree(tiny_settings):
+    frames = synthetic_frames(2)
+    common = dict(injection="none", steps=10, update_delta=20000.0, update_steps=50)
+    off, _ = run_edit(frames, tiny_settings(update="off", **common))
+    x0, _ = run_edit(frames, tiny_settings(update="x0", **common))
+    autograd, _ = run_edit(frames, tiny_settings(update="autograd", **common))
+    assert np.array_equal(off[0], x0[0]) and np.array_equal(off[0], autograd[0]), "frame 1 is never updated"
+    gap_off = distance(off[1], off[0])
+    assert distance(x0[1], x0[0]) < gap_off
+    assert distance(autograd[1], autograd[0]) < gap_off
+    # Both modes move frame 2 the same way.
+    move_x0 = x0[1].astype(np.float64) - off[1]
+    move_autograd = autograd[1].astype(np.float64) - off[1]
+    cosine = (move_x0 * move_autograd).sum() / (np.linalg.norm(move_x0) * np.linalg.norm(move_autograd))
+    assert cosine > 0.5, cosine
+
+
+def test_update_is_limited_to_the_early_steps(tiny_settings):
+    frames = synthetic_frames(2)
+    never, _ = run_edit(frames, tiny_settings(update="off", injection="none"))
+    zero_delta, _ = run_edit(frames, tiny_settings(update="x0", update_delta=0.0, injection="none"))
+    assert all(np.array_equal(a, b) for a, b in zip(never, zero_delta))
+
+
+# -- cost model, cancel, order, determinism ----------------------------------------------------
+
+
+def test_generator_yields_in_order_as_each_frame_is_done(tiny_settings):
+    frames = synthetic_frames(4)
+    source = ArrayFrames(frames)
+    indices = []
+    for index, rgb in edit_clip(source, tiny_settings(steps=2)):
+        indices.append(index)
+        assert rgb.shape == frames[0].shape and rgb.dtype == np.uint8
+    assert indices == [0, 1, 2, 3]
+
+
+def test_progress_reports_every_stage(tiny_settings):
+    seen = []
+    run_edit(synthetic_frames(2), tiny_settings(steps=2, source_prompt=None),
+             progress=lambda stage, done, total: seen.append((stage, done, total)))
+    stages = [stage for stage, _, _ in seen]
+    for stage in ("load", "depth", "caption", "inversion", "edit"):
+        assert stage in stages
+    assert ("edit", 4, 4) in seen and ("inversion", 4, 4) in seen
+    assert all(0 <= done <= total for _, done, total in seen)
+
+
+@pytest.mark.parametrize("stage", ["inversion", "edit"])
+def test_cancel_stops_within_one_denoising_step(tiny_settings, stage):
+    cancel = threading.Event()
+    stats = EditStats()
+    calls_when_cancelled = []
+
+    def progress(current, done, total):
+        if current == stage and done == 5 and not cancel.is_set():
+            cancel.set()
+            calls_when_cancelled.append(stats.unet_calls)
+
+    results = []
+    with pytest.raises(EditCancelled) as raised:
+        for item in edit_clip(ArrayFrames(synthetic_frames(3)), tiny_settings(steps=4), progress=progress,
+                              cancel=cancel, stats=stats):
+            results.append(item)
+    assert calls_when_cancelled, "the cancel point was reached"
+    assert stats.unet_calls - calls_when_cancelled[0] <= 1
+    assert raised.value.frames_done == len(results)
+
+
+def test_same_seed_same_output(tiny_settings, tmp_path):
+    frames = synthetic_frames(2)
+    first, _ = run_edit(frames, tiny_settings(cache_dir=str(tmp_path / "a")))
+    second, _ = run_edit(frames, tiny_settings(cache_dir=str(tmp_path / "b")))
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_output_has_input_size_for_any_aspect(tiny_settings):
+    frames = synthetic_frames(2, width=100, height=60)
+    outputs, stats = run_edit(frames, tiny_settings(size=128))
+    assert stats.working_size == (128, 64)
+    assert all(out.shape == (60, 100, 3) for out in outputs)
+
+
+def test_caption_is_the_source_prompt_when_none_is_given(tiny_settings):
+    _, stats = run_edit(synthetic_frames(1), tiny_settings(source_prompt=None, steps=1))
+    from p2v_runtime.caption import caption_frame
+    from p2v_runtime.models import load_captioner
+
+    captioner, _ = load_captioner(tiny_settings().captioner, "cpu")
+    from p2v_runtime.frames import resize_rgb
+
+    assert stats.source_prompt == caption_frame(captioner, resize_rgb(synthetic_frames(1)[0], (64, 64)))
