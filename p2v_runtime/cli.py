@@ -23,6 +23,10 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The libraries' own notices (torchvision fallbacks, prompt truncation) are not the user's
+    # business; errors still show. Set before transformers/diffusers configure their loggers.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -127,7 +131,7 @@ def edit_main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     frames = open_frames(args.input, args.frames)
     out_dir = _checked_output_dir(args, frames)
-    depth = open_depth(args.depth, frames, args.frames) if args.depth else None
+    depth = open_depth(args.depth, len(frames), frames.size, args.frames) if args.depth else None
     progress = ProgressBars(enabled=not args.quiet)
     cancel = threading.Event()
     written = 0

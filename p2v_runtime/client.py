@@ -299,44 +299,74 @@ def _as_bytes_view(data) -> memoryview:
 
 
 def edit_on_server(address: str, frames, settings, *, depth=None, progress=None, cancel=None,
-                   stats: dict | None = None, token: str | None = None):
-    """``edit_clip`` run by a server: same arguments, yields ``(index, image)`` in order.
+                   stats: dict | None = None, token: str | None = None) -> "RemoteEdit":
+    """``edit_clip`` run by a server: same arguments, iterates ``(index, image)`` in order.
 
     ``frames``/``depth`` are the objects ``edit_clip`` takes (``len``, ``.size``, ``.read(i)``).
-    Images are numpy arrays when numpy is importable, else ``bytearray`` RGB. ``stats`` (a dict)
-    receives the server's ``done`` stats. Errors are raised as the matching ``P2VError`` when
-    ``p2v_runtime`` is importable (cancel: ``EditCancelled``), else as :class:`ProtocolError`.
+    Images are numpy arrays when numpy is importable, else ``bytearray`` RGB. The server's
+    ``done`` stats land in the returned object's ``.stats`` (and in ``stats`` when given). The
+    token is ``token`` or ``$P2V_TOKEN``. Errors are raised as the matching ``P2VError`` when
+    ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
     """
-    width, height = frames.size
-    count = len(frames)
-    try:
-        import numpy as np
-    except ImportError:
-        np = None
-    try:
-        client = Client.connect(address, token)
-    except (ProtocolError, ValueError, OSError) as exc:
-        raise _as_p2v_error(exc) from None
-    with client:
+    return RemoteEdit(address, frames, settings, depth=depth, progress=progress, cancel=cancel,
+                      stats=stats, token=token)
+
+
+class RemoteEdit:
+    """The iterator :func:`edit_on_server` returns; ``.stats`` holds the server's stats when done."""
+
+    def __init__(self, address, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, token=None):
+        self.stats: dict = {} if stats is None else stats
+        self._iterator = self._run(address, frames, settings, depth, progress, cancel, token)
+
+    def __iter__(self) -> "RemoteEdit":
+        return self
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def close(self) -> None:
+        """Stop early: closing the connection cancels the job on the server."""
+        self._iterator.close()
+
+    def _run(self, address, frames, settings, depth, progress, cancel, token):
+        width, height = frames.size
+        count = len(frames)
         try:
-            for message in client.run_job(settings, lambda i: frames.read(i), width, height, count=count,
-                                          depth=None if depth is None else (lambda i: depth.read(i)),
-                                          cancel=cancel):
-                if message.type == "progress":
-                    if progress is not None:
-                        progress(message["stage"], message["done"], message["total"])
-                elif message.type == "result":
-                    image = message.payload
-                    if np is not None:
-                        image = np.frombuffer(image, dtype=np.uint8).reshape(height, width, 3)
-                    yield message["index"], image
-                elif message.type == "done":
-                    if stats is not None:
-                        stats.update(message["stats"])
-                elif message.type == "cancelled":
-                    raise _cancelled(message["frames_done"])
-        except ProtocolError as exc:
+            import numpy as np
+        except ImportError:
+            np = None
+
+        def frame_bytes(index):
+            image = frames.read(index)
+            return image if np is None else np.ascontiguousarray(image, dtype=np.uint8)
+
+        def depth_bytes(index):
+            values = depth.read(index)
+            return values if np is None else np.ascontiguousarray(values, dtype="<f4")
+
+        try:
+            client = Client.connect(address, token)
+        except (ProtocolError, ValueError, OSError) as exc:
             raise _as_p2v_error(exc) from None
+        with client:
+            try:
+                for message in client.run_job(settings, frame_bytes, width, height, count=count,
+                                              depth=None if depth is None else depth_bytes, cancel=cancel):
+                    if message.type == "progress":
+                        if progress is not None:
+                            progress(message["stage"], message["done"], message["total"])
+                    elif message.type == "result":
+                        image = message.payload
+                        if np is not None:
+                            image = np.frombuffer(image, dtype=np.uint8).reshape(height, width, 3)
+                        yield message["index"], image
+                    elif message.type == "done":
+                        self.stats.update(message["stats"])
+                    elif message.type == "cancelled":
+                        raise _cancelled(message["frames_done"])
+            except ProtocolError as exc:
+                raise _as_p2v_error(exc) from None
 
 
 def _cancelled(frames_done: int) -> Exception:

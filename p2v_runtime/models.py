@@ -147,9 +147,19 @@ def release_all() -> None:
 
 def _from_pretrained_depth(model: str, dtype):
     try:
-        from diffusers import DDIMScheduler, StableDiffusionDepth2ImgPipeline
+        import warnings
 
-        pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(model, torch_dtype=dtype)
+        from diffusers import DDIMScheduler, StableDiffusionDepth2ImgPipeline
+        from transformers import DPTImageProcessor
+
+        # The SD 2 depth checkpoint names `DPTFeatureExtractor`, which transformers 5 no longer
+        # has; its config loads as the DPTImageProcessor that replaced it.
+        feature_extractor = DPTImageProcessor.from_pretrained(model, subfolder="feature_extractor")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype vs dtype across versions
+            pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
+                model, torch_dtype=dtype, feature_extractor=feature_extractor
+            )
         # Pix2Video samples and inverts with DDIM (eta 0) whatever scheduler the model ships with.
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return pipe

@@ -270,7 +270,8 @@ class _Job:
         self.folder = folder
         self.peer = conn.peer
         self.cancel = threading.Event()
-        self.finished = threading.Event()
+        self.finished = threading.Event()  # no more editing; the spool is gone
+        self.ended = threading.Event()  # finished, the job slot is free and the last message queued
         self.cond = threading.Condition()
         self.received = {"frame": 0, "depth": 0}
         self.results_sent = 0
@@ -325,7 +326,7 @@ class _Job:
             self.finish({"type": "cancelled", "frames_done": self.results_sent})
 
     def wait(self, timeout: float) -> bool:
-        return self.finished.wait(timeout)
+        return self.ended.wait(timeout)
 
     def _progress(self, stage, done, total) -> None:
         try:
@@ -397,8 +398,9 @@ class _Job:
                     spool.close()
             shutil.rmtree(self.folder, ignore_errors=True)
             self.server._end_job(self)
-        if final is not None:
-            self.conn.writer.send(final)
+            if final is not None:
+                self.conn.writer.send(final)
+            self.ended.set()
         log.info("job %s ended: %s", self.id, final["type"] if final else "no message")
 
 
@@ -613,9 +615,10 @@ class _Connection:
 
     def _close(self) -> None:
         job = self.job
-        if job is not None and not job.finished.is_set():
-            log.info("job %s: client %s went away; cancelling", job.id, self.peer)
-            job.request_cancel()
+        if job is not None:
+            if not job.finished.is_set():
+                log.info("job %s: client %s went away; cancelling", job.id, self.peer)
+                job.request_cancel()
             job.wait(CANCEL_WAIT)
         self.writer.close(timeout=2.0)
         _lingering_close(self.sock)

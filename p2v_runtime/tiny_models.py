@@ -292,6 +292,7 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int) -> None:
             norm_num_groups=8,
             act_fn="silu",
         )
+        _smooth_noise_prediction(unet)
     with _seeded(seed + 2):
         vae = AutoencoderKL(
             sample_size=64,
@@ -305,6 +306,7 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int) -> None:
             norm_num_groups=4,
             scaling_factor=0.18215,
         )
+        _calibrate_latent_scale(vae)
     with _seeded(seed + 3):
         depth_estimator = DPTForDepthEstimation(
             DPTConfig(
@@ -357,6 +359,36 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int) -> None:
     _set_json(
         folder / "feature_extractor" / "preprocessor_config.json", image_processor_type="DPTImageProcessor"
     )
+
+
+def _smooth_noise_prediction(unet) -> None:
+    """Damp the UNet's output layer so its noise prediction varies slowly with its input.
+
+    A trained denoiser is a smooth function of the noisy sample, which is what makes DDIM
+    inversion invertible; a randomly initialised UNet is not, and inverting then sampling with it
+    diverges. Scaling the last convolution keeps the architecture and makes the tiny model behave
+    like a denoiser in that one respect, so the inversion property can be tested.
+    """
+    import torch
+
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.1)
+        unet.conv_out.bias.mul_(0.1)
+
+
+def _calibrate_latent_scale(vae) -> None:
+    """Set the VAE's scaling factor the way SD's 0.18215 was chosen: latents of unit variance."""
+    import torch
+
+    height = width = 64
+    ramp_x = torch.linspace(-1, 1, width)[None, :].expand(height, width)
+    ramp_y = torch.linspace(-1, 1, height)[:, None].expand(height, width)
+    images = torch.stack(
+        [torch.stack([ramp_x, ramp_y, -ramp_x]), torch.stack([ramp_y, -ramp_x, ramp_x * ramp_y])]
+    )
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
 
 
 def _keep_depth_varied(depth_estimator) -> None:

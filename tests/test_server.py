@@ -831,8 +831,10 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(4)]
     progress, stats = [], {}
-    got = list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x", extra={"echo_steps": 2}),
-                              progress=lambda *p: progress.append(p), stats=stats))
+    remote = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x", extra={"echo_steps": 2}),
+                            progress=lambda *p: progress.append(p), stats=stats)
+    got = list(remote)
+    assert remote.stats is stats
     assert [i for i, _ in got] == [0, 1, 2, 3]
     assert all(isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (24, 40, 3) for _, image in got)
     assert all(np.array_equal(image, arrays[i]) for i, image in got)
@@ -855,34 +857,31 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
 
 
 @pytest.mark.slow
-def test_real_edit_job_matches_a_local_edit_bit_for_bit(tmp_path_factory):
+def test_real_edit_job_matches_a_local_edit_bit_for_bit(request, tmp_path):
     np = pytest.importorskip("numpy")
     editor = pytest.importorskip("p2v_runtime.editor", reason="p2v_runtime.editor is not written yet")
-    tiny_models = pytest.importorskip("p2v_runtime.tiny_models", reason="p2v_runtime.tiny_models is not written yet")
+    pytest.importorskip("p2v_runtime.tiny_models", reason="p2v_runtime.tiny_models is not written yet")
     from p2v_runtime.settings import EditSettings
 
-    models = tiny_models.write_tiny_models(tmp_path_factory.mktemp("tiny-models"))
-    cache = tmp_path_factory.mktemp("p2v-cache")
+    models = request.getfixturevalue("tiny_models")  # conftest: built once per checkout
     settings = EditSettings(prompt="a red car", model=str(models["sd2-depth"]), captioner=str(models["blip"]),
-                            size=64, steps=3, device="cpu", dtype="fp32", cache_dir=str(cache))
+                            size=64, steps=3, device="cpu", dtype="fp32", cache_dir=str(tmp_path / "cache"))
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
 
-    local_stats = editor.EditStats()
-    local = list(editor.edit_clip(ArrayFrames(arrays), settings, stats=local_stats))
+    local = list(editor.edit_clip(ArrayFrames(arrays), settings, stats=editor.EditStats()))
 
     env = dict(TOKEN_ENV, P2V_TOKEN="real-edit", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "p2v_runtime.server", "--read-timeout", "30"]
+    cmd = [sys.executable, "-m", "p2v_runtime.server", "--read-timeout", "30", "--spool-dir", str(tmp_path / "spool")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     try:
         line = _readline_with_timeout(proc.stdout, 60)
         assert line, "server did not start"
         address = f"{HOST}:{json.loads(line)['port']}"
         runs = []
-        for _ in range(2):  # a second job reuses the warm models
-            stats: dict = {}
-            remote = list(edit_on_server(address, ArrayFrames(arrays), settings, stats=stats, token="real-edit"))
-            runs.append((remote, stats))
+        for _ in range(2):  # a second job (and client) reuses the warm models
+            remote = edit_on_server(address, ArrayFrames(arrays), settings, token="real-edit")
+            runs.append((list(remote), remote.stats))
         with Client.connect(address, "real-edit") as client:
             client.shutdown("real-edit")
         assert proc.wait(30) == 0
@@ -893,4 +892,6 @@ def test_real_edit_job_matches_a_local_edit_bit_for_bit(tmp_path_factory):
         assert [i for i, _ in remote] == [i for i, _ in local]
         for (_, a), (_, b) in zip(remote, local):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-        assert "model_load_seconds" in stats and stats["bytes_in"] > 3 * 64 * 64 * 3
+        assert stats["frames"] == 3 and stats["bytes_in"] > 3 * 64 * 64 * 3 and stats["bytes_out"] > 3 * 64 * 64 * 3
+    assert runs[0][1]["model_load_seconds"] > 0
+    assert runs[1][1]["model_load_seconds"] < runs[0][1]["model_load_seconds"]  # warm: nothing loaded again

@@ -20,6 +20,16 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and OpenMP threads spinning on a shared 2-core
+    machine can make one denoising run 10-100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return write_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)
