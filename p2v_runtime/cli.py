@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(handler=make_tiny_models_main)
 
+    from . import bench
+
+    bench_parser = commands.add_parser("bench", help="time this edit against plain depth-to-image")
+    bench.add_bench_arguments(bench_parser)
+    bench_parser.set_defaults(handler=bench.bench_main)
+
     try:
         from . import server
 
