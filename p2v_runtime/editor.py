@@ -134,6 +134,9 @@ class _ClipEditor:
         from .inversion import InversionCache, default_cache_dir
         from .models import dtype_name, load_depth_pipeline
 
+        import torch
+
+        torch.manual_seed(self.settings.seed)
         self.report("load", 0, 1)
         self.pipeline, loaded = load_depth_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
         if loaded:
@@ -151,8 +154,6 @@ class _ClipEditor:
         cache_dir = self.settings.cache_dir or default_cache_dir()
         self.cache = InversionCache(cache_dir, warn=self.warn)
         if self.pipeline.device == "cuda":
-            import torch
-
             torch.cuda.reset_peak_memory_stats()
 
     def _edit_frames(self) -> Iterator[tuple[int, np.ndarray]]:
