@@ -1,4 +1,4 @@
-"""The ``p2v`` command: edit, serve, ping, make-tiny-models (and the benchmarks' entry points).
+"""The ``p2v`` command: edit, eval, ablate, serve, ping, make-tiny-models (and the benchmarks' entry points).
 
 Every failure a user can cause ends in one line ``p2v: error: ...`` and a non-zero exit code;
 nothing already written (input, earlier frames) is touched.
@@ -66,6 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser("bench", help="time this edit against plain depth-to-image")
     bench.add_bench_arguments(bench_parser)
     bench_parser.set_defaults(handler=bench.bench_main)
+
+    from . import ablation, metrics  # light: their torch/OpenCV imports happen inside the handlers
+
+    evaluate = commands.add_parser("eval", help="the paper's metrics of an edit: CLIP-Text, CLIP-Image, Pixel-MSE")
+    metrics.add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=metrics.eval_main)
+
+    ablate = commands.add_parser("ablate", help="edit one clip with the paper's ablation variants and compare them")
+    ablation.add_ablate_arguments(ablate)
+    ablate.set_defaults(handler=ablation.ablate_main)
 
     try:
         from . import server
@@ -146,7 +156,8 @@ def edit_main(args: argparse.Namespace) -> int:
         if args.server:
             from .client import edit_on_server
 
-            results = edit_on_server(args.server, frames, settings, depth=depth, progress=progress, cancel=cancel)
+            results = edit_on_server(args.server, frames, settings, depth=depth, progress=progress, cancel=cancel,
+                                     warn=progress.warn)
         else:
             from .editor import EditStats, edit_clip
 

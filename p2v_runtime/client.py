@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 
@@ -67,8 +68,9 @@ class Client:
         self.timeout = timeout
         self.results_received = 0
         self.server_info: dict = {}
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.RLock()
         self._job_width = self._job_height = 0
+        self._cancel_sent = False
         self._closed = False
         try:
             self.sock = socket.create_connection((host, port), timeout=connect_timeout)
@@ -116,6 +118,7 @@ class Client:
                     "height": int(height), "depth": bool(depth)})
         self._job_width, self._job_height = int(width), int(height)
         self.results_received = 0
+        self._cancel_sent = False
         return self._expect("job_ok", self.timeout).header
 
     def send_frame(self, index: int, data, width: int | None = None, height: int | None = None) -> None:
@@ -125,8 +128,13 @@ class Client:
         self._send_image("depth", index, data, width, height)
 
     def cancel(self) -> None:
-        """Ask the runtime to stop the running job (safe from any thread); it answers ``cancelled``."""
-        self._send({"type": "cancel"})
+        """Ask the runtime to stop the running job (safe from any thread); it answers ``cancelled``.
+
+        Frames of the job are no longer sent after this, even by a :meth:`run_job` in another thread.
+        """
+        with self._send_lock:
+            self._cancel_sent = True
+            self._send({"type": "cancel"}, locked=True)
 
     def shutdown(self, token: str) -> None:
         """Stop the runtime (it answers ``bye`` and exits)."""
@@ -152,10 +160,13 @@ class Client:
 
         ``frames`` (and ``depth``) are sequences of bytes-like objects or callables ``f(i)``
         returning one; at most ``window`` frames are sent ahead of the server's ``received``.
-        Yields ``received``-free messages: ``progress``, ``result`` (payload: bytearray RGB),
-        then ``done`` or ``cancelled``. Setting ``cancel`` sends ``cancel`` and the iteration ends
-        with the ``cancelled`` message. An ``error`` raises :class:`RemoteError`; a lost
-        connection raises :class:`ConnectionLost` (results already yielded stay with the caller).
+        Yields ``progress``, ``warning`` and ``result`` messages (payload: bytearray RGB), then ``done`` or
+        ``cancelled``. Setting ``cancel`` sends ``cancel`` and the iteration ends with the
+        ``cancelled`` message (or ``done`` if the job finished first). A job error raises
+        :class:`RemoteError` and leaves the connection ready for the next job; a lost connection
+        raises :class:`ConnectionLost` (results already yielded stay with the caller). Leaving
+        the iteration early, or an exception from ``frames``, closes the connection, which
+        cancels the job on the server.
         """
         if count is None:
             count = len(frames)
@@ -163,36 +174,43 @@ class Client:
         get_depth = None if depth is None else (depth if callable(depth) else depth.__getitem__)
         job_ok = self.submit(settings, count, width, height, depth is not None)
         window = max(1, min(window or job_ok["window"], job_ok["window"]))
-        sent = acked = 0
-        cancel_sent = False
-        while True:
-            if cancel is not None and cancel.is_set() and not cancel_sent:
-                self.cancel()
-                cancel_sent = True
-            if not cancel_sent and sent < count and sent - acked < window:
-                self.send_frame(sent, get_frame(sent), width, height)
-                if get_depth is not None:
-                    self.send_depth(sent, get_depth(sent), width, height)
-                sent += 1
-                wait = 0.0  # only take what has already arrived, then send on
-            else:
-                wait = _POLL if cancel is not None and not cancel_sent else None
-            message = self.next_message(wait)
-            if message is None:
-                continue
-            kind = message.type
-            if kind == "received":
-                acked = max(acked, message["index"] + 1)
-            elif kind in ("progress", "pong"):
-                if kind == "progress":
+        ended = False  # the server ended the job: the connection can take the next one
+        try:
+            sent = acked = 0
+            while True:
+                if cancel is not None and cancel.is_set() and not cancel_sent:
+                    self.cancel()
+                cancel_sent = self._cancel_sent  # also when another thread called cancel()
+                if not cancel_sent and sent < count and sent - acked < window:
+                    self.send_frame(sent, get_frame(sent), width, height)
+                    if get_depth is not None:
+                        self.send_depth(sent, get_depth(sent), width, height)
+                    sent += 1
+                    wait = 0.0  # only take what has already arrived, then send on
+                else:
+                    wait = _POLL if cancel is not None and not cancel_sent else None
+                message = self.next_message(wait)
+                if message is None:
+                    continue
+                kind = message.type
+                if kind == "received":
+                    acked = max(acked, message["index"] + 1)
+                elif kind in ("progress", "result", "warning"):
                     yield message
-            elif kind == "result":
-                yield message
-            elif kind in ("done", "cancelled"):
-                yield message
-                return
-            else:
-                raise ProtocolError(P.E_UNEXPECTED, f"unexpected {kind} message during a job from {self.where}")
+                elif kind in ("done", "cancelled"):
+                    ended = True
+                    yield message
+                    return
+                elif kind != "pong":
+                    raise ProtocolError(P.E_UNEXPECTED, f"unexpected {kind} message during a job from {self.where}")
+        except RemoteError as exc:
+            ended = not exc.fatal
+            raise
+        finally:
+            if not ended:
+                # Abandoned (the caller stopped iterating, a frame could not be read, the link
+                # failed): closing the connection makes the server cancel the job.
+                self.close()
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -201,6 +219,8 @@ class Client:
 
         ``error`` messages raise :class:`RemoteError` (:class:`ServerBusy` for ``busy``).
         """
+        if self._closed:
+            raise self._lost("the connection was closed on this side")
         try:
             if not P.wait_readable(self.sock, timeout):
                 return None
@@ -222,8 +242,8 @@ class Client:
             if exc.code in (P.E_TRUNCATED,):
                 raise self._lost(exc.message) from None
             raise
-        except OSError as exc:
-            raise self._lost(f"connection error: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:  # ValueError: the socket was closed by another thread
+            raise self._lost(f"connection error: {getattr(exc, 'strerror', None) or exc}") from None
         message = P.Message(header, payload)
         if message.type == "result":
             self.results_received += 1
@@ -241,7 +261,7 @@ class Client:
                 raise ConnectionLost(f"no {kind} from the runtime at {self.where} within {timeout:g} s", self.results_received)
             if message.type == kind:
                 return message
-            if message.type in ("progress", "received", "pong"):
+            if message.type in ("progress", "received", "pong", "warning"):
                 continue
             raise ProtocolError(P.E_UNEXPECTED, f"expected {kind} from the runtime, got {message.type}")
 
@@ -259,12 +279,19 @@ class Client:
         expected = P.payload_size(header)
         if view.nbytes != expected:
             raise ValueError(f"{kind} {index} has {view.nbytes} bytes; {width}x{height} {header['dtype']} needs {expected}")
-        self._send(header, view)
+        with self._send_lock:
+            if not self._cancel_sent:  # checked under the lock: never a frame after our cancel
+                self._send(header, view, locked=True)
 
-    def _send(self, header: dict, payload=None) -> None:
+    def _send(self, header: dict, payload=None, *, locked: bool = False) -> None:
+        if self._closed:
+            raise self._lost("the connection was closed on this side")
         try:
-            with self._send_lock:
+            if locked:
                 P.send_message(self.sock, header, payload)
+            else:
+                with self._send_lock:
+                    P.send_message(self.sock, header, payload)
         except OSError as exc:
             # The server may have said why before closing: report its error if one is waiting.
             reason = self._pending_error()
@@ -283,7 +310,7 @@ class Client:
                     return None
                 if header["type"] == "error":
                     return RemoteError(header["code"], header["message"], fatal=header["fatal"])
-        except (OSError, P.ProtocolError):
+        except (OSError, ValueError, P.ProtocolError):
             return None
         return None
 
@@ -299,25 +326,27 @@ def _as_bytes_view(data) -> memoryview:
 
 
 def edit_on_server(address: str, frames, settings, *, depth=None, progress=None, cancel=None,
-                   stats: dict | None = None, token: str | None = None) -> "RemoteEdit":
+                   stats: dict | None = None, token: str | None = None, warn=None) -> "RemoteEdit":
     """``edit_clip`` run by a server: same arguments, iterates ``(index, image)`` in order.
 
     ``frames``/``depth`` are the objects ``edit_clip`` takes (``len``, ``.size``, ``.read(i)``).
     Images are numpy arrays when numpy is importable, else ``bytearray`` RGB. The server's
-    ``done`` stats land in the returned object's ``.stats`` (and in ``stats`` when given). The
+    ``done`` stats land in the returned object's ``.stats`` (and in ``stats`` when given);
+    the server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does). The
     token is ``token`` or ``$P2V_TOKEN``. Errors are raised as the matching ``P2VError`` when
     ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
     """
     return RemoteEdit(address, frames, settings, depth=depth, progress=progress, cancel=cancel,
-                      stats=stats, token=token)
+                      stats=stats, token=token, warn=warn)
 
 
 class RemoteEdit:
     """The iterator :func:`edit_on_server` returns; ``.stats`` holds the server's stats when done."""
 
-    def __init__(self, address, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, token=None):
+    def __init__(self, address, frames, settings, *, depth=None, progress=None, cancel=None, stats=None,
+                 token=None, warn=None):
         self.stats: dict = {} if stats is None else stats
-        self._iterator = self._run(address, frames, settings, depth, progress, cancel, token)
+        self._iterator = self._run(address, frames, settings, depth, progress, cancel, token, warn)
 
     def __iter__(self) -> "RemoteEdit":
         return self
@@ -329,7 +358,7 @@ class RemoteEdit:
         """Stop early: closing the connection cancels the job on the server."""
         self._iterator.close()
 
-    def _run(self, address, frames, settings, depth, progress, cancel, token):
+    def _run(self, address, frames, settings, depth, progress, cancel, token, warn):
         width, height = frames.size
         count = len(frames)
         try:
@@ -356,6 +385,11 @@ class RemoteEdit:
                     if message.type == "progress":
                         if progress is not None:
                             progress(message["stage"], message["done"], message["total"])
+                    elif message.type == "warning":
+                        if warn is not None:
+                            warn(message["message"])
+                        else:
+                            print(f"p2v: {message['message']}", file=sys.stderr)
                     elif message.type == "result":
                         image = message.payload
                         if np is not None:
@@ -406,8 +440,6 @@ def add_ping_arguments(parser) -> None:
 
 def ping_main(args) -> int:
     """``p2v ping``: exit 0 and print the round trip when the runtime answers, else 1 with the reason."""
-    import sys
-
     try:
         token = token_from_env(getattr(args, "token_file", None))
     except OSError as exc:

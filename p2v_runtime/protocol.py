@@ -126,6 +126,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "job_ok": {"job": ("str", _REQ), "frames": ("int", _REQ), "window": ("int", _REQ)},
     "received": {"index": ("int", _REQ)},
     "progress": {"stage": ("str", _REQ), "done": ("int", _REQ), "total": ("int", _REQ)},
+    "warning": {"message": ("str", _REQ)},
     "result": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
     "done": {"frames": ("int", _REQ), "stats": ("obj", _REQ)},
     "cancelled": {"frames_done": ("int", _REQ)},
@@ -185,10 +186,11 @@ def frame_header(kind: str, index: int, width: int, height: int) -> dict:
 
 
 def error_header(code: str, message: str, fatal: bool) -> dict:
-    return {"type": "error", "code": code, "message": _one_line(message), "fatal": bool(fatal)}
+    return {"type": "error", "code": code, "message": one_line(message), "fatal": bool(fatal)}
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """Whitespace runs to single spaces, at most 2000 characters: messages a user reads."""
     text = " ".join(str(text).split())
     return text if len(text) <= 2000 else text[:1997] + "..."
 
@@ -398,17 +400,35 @@ def read_message(sock: socket.socket, *, max_payload: int = MAX_PAYLOAD_BYTES) -
     return Message(header, recv_exact(sock, payload_len) if payload_len else b"")
 
 
+SEND_CHUNK = 1024 * 1024
+
+
+def send_all(sock: socket.socket, data) -> None:
+    """``sendall`` in 1 MiB pieces, so the socket timeout bounds a stall, not a whole large frame.
+
+    (Python's ``sendall`` applies its timeout to the total duration of the call.)
+    """
+    view = memoryview(data)
+    if len(view) <= SEND_CHUNK:
+        sock.sendall(view)
+        return
+    for start in range(0, len(view), SEND_CHUNK):
+        sock.sendall(view[start:start + SEND_CHUNK])
+
+
 def send_message(sock: socket.socket, header: dict, payload=None) -> int:
     """Send one message; return the bytes written. ``payload`` is any bytes-like object."""
     if payload is None:
         data = encode_head(header)
         sock.sendall(data)
         return len(data)
-    view = memoryview(payload).cast("B")
+    view = memoryview(payload)
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
     head = encode_head(header, len(view))
     if len(view) <= 65536:
         sock.sendall(head + view.tobytes())
     else:
         sock.sendall(head)
-        sock.sendall(view)
+        send_all(sock, view)
     return len(head) + len(view)

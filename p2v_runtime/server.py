@@ -51,28 +51,32 @@ JobRunner = Callable[..., Iterator[tuple[int, Any]]]
 # --- job runners -------------------------------------------------------------------------------
 
 
-def edit_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None):
+def edit_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
     """The real edit: ``editor.edit_clip``, imported on first use so the server starts fast."""
     from .editor import EditStats, edit_clip
 
     edit_stats = EditStats()
     try:
-        yield from edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=edit_stats)
+        yield from edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=edit_stats,
+                             warn=warn)
     finally:
         if stats is not None:
             stats.update(edit_stats.to_dict())
 
 
-def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None):
+def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
     """Each frame back unchanged, after ``extra["echo_steps"]`` "steps" of ``extra["echo_delay"]`` s.
 
     No model: tests and ``scripts/bench_protocol.py`` use it to exercise the wire, cancel and
-    backpressure. ``extra["echo_fail_at"] = k`` raises ``InputError`` instead of frame k.
+    backpressure. ``extra["echo_fail_at"] = k`` raises ``InputError`` instead of frame k;
+    ``extra["echo_warn"]`` is sent as a warning first.
     """
     extra = settings.extra if isinstance(settings.extra, dict) else {}
     delay = min(max(_number(extra.get("echo_delay"), 0.0), 0.0), 1.0)
     steps = int(min(max(_number(extra.get("echo_steps"), 1), 1), 1000))
     fail_at = extra.get("echo_fail_at")
+    if warn is not None and isinstance(extra.get("echo_warn"), str):
+        warn(extra["echo_warn"])
     count = len(frames)
     started = time.monotonic()
     for index in range(count):
@@ -168,7 +172,7 @@ class _Writer:
                     self._sock.sendall(head + bytes(payload))
                 else:
                     self._sock.sendall(head)
-                    self._sock.sendall(payload)
+                    P.send_all(self._sock, payload)
             except OSError:
                 with self._cond:
                     self.broken = True
@@ -335,6 +339,9 @@ class _Job:
             return
         self.conn.writer.send(header)
 
+    def _warn(self, message) -> None:
+        self.conn.writer.send({"type": "warning", "message": P.one_line(str(message))})
+
     def _run(self) -> None:
         final: dict | None = None
         stats: dict[str, Any] = {}
@@ -343,7 +350,7 @@ class _Job:
             frames = SpooledFrames(self, "frame")
             depth = SpooledFrames(self, "depth") if self.has_depth else None
             iterator = self.server.job_runner(frames, self.settings, depth=depth, progress=self._progress,
-                                              cancel=self.cancel, stats=stats)
+                                              cancel=self.cancel, stats=stats, warn=self._warn)
             for index, image in iterator:
                 if self.cancel.is_set():
                     raise EditCancelled(self.results_sent)
@@ -479,9 +486,14 @@ class _Connection:
             self._close()
 
     def _on_broken(self) -> None:
+        """Sending failed (peer gone, or not reading for the read timeout): cancel and hang up."""
         job = self.job
         if job is not None and not job.finished.is_set():
             job.cancel.set()
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader, which then closes
+        except OSError:
+            pass
 
     def _loop(self) -> None:
         while not self.closing:
@@ -506,6 +518,10 @@ class _Connection:
         deadline = None if limit is None else time.monotonic() + limit
         while True:
             if self.server.stopping:
+                job = self.job
+                if job is not None and not job.finished.is_set():
+                    job.request_cancel()  # the client hears "cancelled" before "shutting_down"
+                    job.wait(CANCEL_WAIT)
                 self.writer.send(P.error_header(P.E_SHUTTING_DOWN, "the runtime is shutting down", True))
                 return False
             slice_s = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
@@ -557,8 +573,8 @@ class _Connection:
         self.server.stop()
 
     def _on_cancel(self, header: dict) -> None:
+        # The upload stays open: frames of the cancelled job still in flight are read and dropped.
         job = self.job
-        self.upload = None  # the client sends no more frames of a job it cancelled
         if job is not None and not job.finished.is_set():
             log.info("job %s: cancel requested", job.id)
             job.request_cancel()
@@ -607,7 +623,7 @@ class _Connection:
         P.recv_exact_into(self.sock, view)
         self.bytes_in += payload_len
         job.store(kind, view)
-        if kind == "depth" or not job.has_depth:
+        if (kind == "depth" or not job.has_depth) and not job.finished.is_set():
             self.writer.send({"type": "received", "index": index})
         if job.upload_complete():
             self.upload = None
@@ -669,7 +685,12 @@ def is_loopback(host: str) -> bool:
 
 
 class Server:
-    """The runtime server. ``job_runner`` has ``edit_clip``'s signature plus ``stats`` (a dict to fill)."""
+    """The runtime server.
+
+    ``job_runner(frames, settings, *, depth, progress, cancel, stats, warn)`` yields
+    ``(index, image)`` like ``edit_clip``; ``stats`` is a dict it fills, ``warn(message)`` sends a
+    ``warning`` to the client.
+    """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token: str,
                  job_runner: JobRunner | None = None, allow_remote: bool = False,
