@@ -120,6 +120,7 @@ def load_captioner(model: str, device: str) -> tuple[Captioner, bool]:
         if key in _CACHE:
             return _CACHE[key], False
         started = time.perf_counter()
+        _quiet_loading()
         try:
             from transformers import BlipForConditionalGeneration, BlipProcessor
 
@@ -145,7 +146,17 @@ def release_all() -> None:
         torch.cuda.empty_cache()
 
 
+def _quiet_loading() -> None:
+    """The libraries' own loading bars would interleave with ours (and the add-on parses stderr)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _from_pretrained_depth(model: str, dtype):
+    _quiet_loading()
     try:
         import warnings
 

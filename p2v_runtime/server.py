@@ -62,6 +62,18 @@ def edit_job_runner(frames, settings, *, depth=None, progress=None, cancel=None,
     finally:
         if stats is not None:
             stats.update(edit_stats.to_dict())
+        _free_device_memory()
+
+
+def _free_device_memory() -> None:
+    """Give the job's activations and feature cache back to the GPU (the weights stay warm)."""
+    import gc
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
