@@ -148,7 +148,7 @@ def edit_main(args: argparse.Namespace) -> int:
     frames = open_frames(args.input, args.frames)
     out_dir = _checked_output_dir(args, frames)
     depth = open_depth(args.depth, len(frames), frames.size, args.frames) if args.depth else None
-    progress = ProgressBars(enabled=not args.quiet)
+    progress = ProgressBars(enabled=not args.quiet, steps=settings.steps)
     cancel = threading.Event()
     written = 0
     stats = None
@@ -222,14 +222,25 @@ def _checked_output_dir(args: argparse.Namespace, frames) -> Path:
 
 
 class ProgressBars:
-    """One tqdm bar per stage on stderr; inversion and edit alternate per frame, each keeps its bar."""
+    """Progress on stderr: a tqdm bar per stage on a terminal, plain lines in logs.
 
-    def __init__(self, enabled: bool = True):
+    Inversion and edit alternate per frame, so each stage keeps its own bar. When stderr is not
+    a terminal (a farm log, a pipe), bars would be noise: one line per stage start and per
+    finished frame instead.
+    """
+
+    def __init__(self, enabled: bool = True, steps: int = 1):
         self.enabled = enabled
+        self.steps = steps
+        self.interactive = sys.stderr.isatty()
         self.bars: dict = {}
+        self.printed: dict = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
+            return
+        if not self.interactive:
+            self._line(stage, done, total)
             return
         from tqdm import tqdm
 
@@ -241,6 +252,19 @@ class ProgressBars:
             self.bars[stage] = bar
         bar.n = done
         bar.refresh()
+
+    def _line(self, stage: str, done: int, total: int) -> None:
+        per_frame = self.steps if stage in ("inversion", "edit") else 1
+        if done % per_frame:
+            return
+        finished = done // per_frame
+        if self.printed.get(stage) == finished:
+            return
+        self.printed[stage] = finished
+        if finished == 0:
+            print(f"p2v: {stage}...", file=sys.stderr, flush=True)
+        elif stage in ("depth", "inversion", "edit"):
+            print(f"p2v: {stage} {finished}/{total // per_frame} frames", file=sys.stderr, flush=True)
 
     def warn(self, message: str) -> None:
         print(f"p2v: warning: {message}", file=sys.stderr)
