@@ -77,22 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     ablation.add_ablate_arguments(ablate)
     ablate.set_defaults(handler=ablation.ablate_main)
 
-    try:
-        from . import server
+    from . import client, server
 
-        serve = commands.add_parser("serve", help="run the sidecar runtime server")
-        server.add_serve_arguments(serve)
-        serve.set_defaults(handler=server.serve_main)
-    except ImportError:
-        pass
-    try:
-        from . import client
+    serve = commands.add_parser("serve", help="run the sidecar runtime server")
+    server.add_serve_arguments(serve)
+    serve.set_defaults(handler=server.serve_main)
 
-        ping = commands.add_parser("ping", help="check that a runtime server answers")
-        client.add_ping_arguments(ping)
-        ping.set_defaults(handler=client.ping_main)
-    except ImportError:
-        pass
+    ping = commands.add_parser("ping", help="check that a runtime server answers")
+    client.add_ping_arguments(ping)
+    ping.set_defaults(handler=client.ping_main)
     return parser
 
 
@@ -142,9 +135,12 @@ def settings_from_args(args: argparse.Namespace) -> EditSettings:
 
 
 def edit_main(args: argparse.Namespace) -> int:
-    from .frames import existing_frames, open_depth, open_frames, write_frame
+    from .errors import InputError
+    from .frames import open_depth, open_frames, write_frame
 
     settings = settings_from_args(args)
+    if args.server and args.save_depth:
+        raise InputError("--save-depth writes on the machine that edits; it is not available with --server")
     frames = open_frames(args.input, args.frames)
     out_dir = _checked_output_dir(args, frames)
     depth = open_depth(args.depth, len(frames), frames.size, args.frames) if args.depth else None
@@ -186,10 +182,7 @@ def edit_main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     finally:
         progress.close()
-    if stats is None:
-        stats_dict = getattr(results, "stats", None) or {}
-    else:
-        stats_dict = stats.to_dict()
+    stats_dict = stats.to_dict() if stats is not None else (results.stats or {})
     if args.stats:
         Path(args.stats).write_text(json.dumps(stats_dict, indent=2) + "\n", encoding="utf-8")
     if not args.quiet:
