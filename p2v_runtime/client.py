@@ -177,6 +177,7 @@ class Client:
         ended = False  # the server ended the job: the connection can take the next one
         try:
             sent = acked = 0
+            cancel_sent = self._cancel_sent
             while True:
                 if cancel is not None and cancel.is_set() and not cancel_sent:
                     self.cancel()

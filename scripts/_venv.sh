@@ -75,4 +75,36 @@ p2v_setup_venv() {
     p2v_log "environment ready: $("$P2V_PY" -c 'import torch, numpy; print("torch", torch.__version__, "numpy", numpy.__version__)')"
 }
 
+# A second, small venv with Blender 4.2 LTS as a module, for the add-on tests on the oldest
+# supported Blender (tests/test_addon.py runs its scripts with it; the runtime they start uses
+# .venv's Python). Only bpy and numpy<2 (what Blender 4.2 bundles); same stamp approach as above.
+P2V_BPY42_SPEC="bpy==4.2.*"
+
+p2v_setup_bpy42_venv() {
+    local venv="$P2V_ROOT/.venv-bpy42"
+    local py="$venv/bin/python"
+    local stamp_file="$venv/.p2v-setup-stamp"
+    local want
+    want="$("$P2V_PY" -c 'import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode() + open(sys.argv[2], "rb").read() + sys.version.encode()).hexdigest())' \
+        "$P2V_BPY42_SPEC numpy<2" "$P2V_ROOT/scripts/_venv.sh")"
+    if [ -x "$py" ] && [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$want" ]; then
+        p2v_log "using $venv (up to date)"
+        return 0
+    fi
+    if [ ! -x "$py" ]; then
+        local python
+        if ! python="$(p2v_find_python)"; then
+            p2v_log "error: Python 3.11 not found for $venv"
+            return 1
+        fi
+        p2v_log "creating $venv with $python (Blender 4.2 LTS as a module)"
+        "$python" -m venv "$venv" || { p2v_log "error: could not create $venv"; return 1; }
+    fi
+    rm -f "$stamp_file"
+    p2v_log "installing $P2V_BPY42_SPEC into $venv"
+    "$py" -m pip --disable-pip-version-check install -q --progress-bar off "$P2V_BPY42_SPEC" "numpy<2" \
+        || { p2v_log "error: pip could not install $P2V_BPY42_SPEC"; return 1; }
+    echo "$want" >"$stamp_file"
+}
+
 p2v_setup_venv || { p2v_rc=$?; return "$p2v_rc" 2>/dev/null || exit "$p2v_rc"; }

@@ -333,6 +333,15 @@ def test_cancel_stops_within_a_step_and_the_server_takes_the_next_job(server):
         assert run_all(client, echo_settings(), frames[:2], 8, 8)[2].type == "done"
 
 
+def test_cancel_event_set_before_the_job_starts(server):
+    cancel = threading.Event()
+    cancel.set()
+    with server.client() as client:
+        results, _, final = run_all(client, echo_settings(), rgb_frames(3, 8, 8), 8, 8, cancel=cancel)
+        assert final.type == "cancelled" and not results
+        assert run_all(client, echo_settings(), rgb_frames(2, 8, 8), 8, 8)[2].type == "done"
+
+
 def test_cancel_event_during_the_upload(server):
     cancel = threading.Event()
     frames = rgb_frames(10, 8, 8)

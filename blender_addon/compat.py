@@ -1,0 +1,175 @@
+"""Every difference between the Blender versions the add-on supports (4.2 LTS .. 5.x), in one place.
+
+The rest of the add-on calls these functions instead of touching the renamed parts of the API:
+
+* 4.2 .. 4.3: ``SequenceEditor.sequences`` / ``sequences_all``, strip classes ``*Sequence``;
+  4.4+ and 5.x: ``strips`` / ``strips_all``, classes ``*Strip``.
+* ``new_effect`` takes ``frame_end`` before 5.0 and ``length`` from 5.0 on.
+* 5.0+: the Sequencer shows the workspace's *sequencer scene* (``context.sequencer_scene``),
+  which need not be the window's scene.
+* 5.0+: the compositor's node tree is ``scene.compositing_node_group``; before, ``scene.node_tree``
+  (used by the Z pass of scene strips, see ``strip_frames``).
+* 4.2+ extensions keep user data in ``bpy.utils.extension_path_user``; a legacy add-on (or the
+  add-on run from a checkout) uses a folder under Blender's user data files.
+"""
+
+from __future__ import annotations
+
+import os
+
+import bpy
+
+VERSION = tuple(bpy.app.version)
+
+# strip.type values, grouped by what the add-on does with them.
+EDITABLE_TYPES = {"IMAGE": "image", "MOVIE": "movie", "SCENE": "scene"}
+KIND_NAMES = {
+    "SOUND": "sound", "META": "meta", "TEXT": "text", "COLOR": "color", "ADJUSTMENT": "adjustment",
+    "MOVIECLIP": "movie clip", "MASK": "mask", "MULTICAM": "multicam",
+}
+MAX_CHANNEL = 128
+
+
+def strips(editor):
+    """Top-level strips of a sequence editor (the collection new strips are added to)."""
+    collection = getattr(editor, "strips", None)
+    return collection if collection is not None else editor.sequences
+
+
+def all_strips(editor):
+    """Every strip, including those inside meta strips."""
+    collection = getattr(editor, "strips_all", None)
+    return collection if collection is not None else editor.sequences_all
+
+
+def sequencer_scene(context):
+    """The scene the Sequencer edits: 5.x's workspace sequencer scene, else the window's scene."""
+    return getattr(context, "sequencer_scene", None) or context.scene
+
+
+def active_strip(scene):
+    editor = scene.sequence_editor
+    return None if editor is None else editor.active_strip
+
+
+def strip_kind(strip) -> str:
+    """'image', 'movie', 'scene', or a plain name for what the add-on cannot edit ('sound', 'effect', ...)."""
+    kind = EDITABLE_TYPES.get(strip.type)
+    if kind is not None:
+        return kind
+    return KIND_NAMES.get(strip.type, "effect")
+
+
+def a_kind(kind: str) -> str:
+    """'an image', 'a movie', 'an effect': for messages."""
+    return ("an " if kind[:1] in "aeiou" else "a ") + kind
+
+
+def new_image_strip(editor, name: str, filepath: str, channel: int, frame_start: int):
+    """Add an image strip showing ``filepath`` as its first frame, unscaled."""
+    return strips(editor).new_image(name=name, filepath=filepath, channel=channel, frame_start=frame_start,
+                                    fit_method="ORIGINAL")
+
+
+def new_effect_strip(editor, name: str, effect_type: str, channel: int, frame_start: int, length: int):
+    """Add an effect strip without inputs (color, text, adjustment) covering ``length`` frames.
+
+    4.2 .. 4.x take ``frame_end``; 5.x takes ``length``.
+    """
+    collection = strips(editor)
+    try:
+        return collection.new_effect(name=name, type=effect_type, channel=channel, frame_start=frame_start,
+                                     length=length)
+    except TypeError:
+        return collection.new_effect(name=name, type=effect_type, channel=channel, frame_start=frame_start,
+                                     frame_end=frame_start + length)
+
+
+def parent_meta(strip):
+    """The meta strip that holds ``strip``, or None at the top level."""
+    getter = getattr(strip, "parent_meta", None)
+    return getter() if callable(getter) else None
+
+
+def compositor_tree(scene):
+    """The scene's compositing node tree, or None (5.x node group / 4.x ``node_tree``)."""
+    if hasattr(scene, "compositing_node_group"):
+        return scene.compositing_node_group
+    return getattr(scene, "node_tree", None)
+
+
+def render_size(scene) -> tuple[int, int]:
+    """Width and height of a render of ``scene`` (resolution times percentage, as Blender rounds)."""
+    render = scene.render
+    return (render.resolution_x * render.resolution_percentage // 100,
+            render.resolution_y * render.resolution_percentage // 100)
+
+
+def render_still(scene, filepath: str) -> None:
+    """Render ``scene``'s current frame into an image file (its render output settings).
+
+    Blender renders the *context* scene's frame, so ``scene`` becomes the window's scene for the
+    call and is switched back at once. Not ``context.temp_override(scene=...)``: calling an
+    operator inside a context override while another Python thread runs (the job's socket
+    worker) crashes Blender 4.2 .. 5.0 (a GIL mix-up); switching the window's scene does not.
+    The render result is saved here rather than with ``write_still``, which would print a line
+    per frame.
+    """
+    window = bpy.context.window
+    if window is not None:
+        previous = window.scene
+        window.scene = scene
+        try:
+            result = bpy.ops.render.render(write_still=False)
+        finally:
+            window.scene = previous
+    else:  # no window at all: the override is the only way (nothing else should run then)
+        with bpy.context.temp_override(scene=scene):
+            result = bpy.ops.render.render(write_still=False)
+    if "FINISHED" not in result:
+        raise RuntimeError(f"Blender could not render frame {scene.frame_current} of scene {scene.name!r}")
+    bpy.data.images["Render Result"].save_render(filepath, scene=scene)
+
+
+def user_folder(package: str, *parts: str) -> str:
+    """A writable folder for the add-on's own files (runtime venv, logs, unsaved-file output)."""
+    base = None
+    if package.startswith("bl_ext."):
+        try:
+            base = bpy.utils.extension_path_user(package, create=True)
+        except (ValueError, RuntimeError):
+            base = None
+    if base is None:
+        base = bpy.utils.user_resource("DATAFILES", path="pix2video", create=True)
+    path = os.path.join(base, *parts)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def abspath(path: str, id_data=None) -> str:
+    """An absolute, normalised file path for a Blender path (``//`` relative to the .blend)."""
+    library = getattr(id_data, "library", None)
+    return os.path.normpath(bpy.path.abspath(path, library=library))
+
+
+def redraw_sequencer(context=None) -> None:
+    """Ask every Sequencer and Preferences area to redraw (progress changed)."""
+    wm = (context or bpy.context).window_manager
+    if wm is None:
+        return
+    for window in wm.windows:
+        screen = window.screen
+        if screen is None:
+            continue
+        for area in screen.areas:
+            if area.type in ("SEQUENCE_EDITOR", "PREFERENCES"):
+                area.tag_redraw()
+
+
+def layout_progress(layout, factor: float, text: str) -> None:
+    """A progress bar (``UILayout.progress``, Blender 4.0+), or a plain label where it is missing."""
+    progress = getattr(layout, "progress", None)
+    if progress is not None:
+        progress(factor=max(0.0, min(1.0, factor)), type="BAR", text=text)
+    else:
+        layout.label(text=text)

@@ -1,0 +1,380 @@
+"""One edit of one strip: frames out, edited frames into a new strip. Shared by every front end.
+
+The modal operator, the headless script and the tests all drive the same :class:`EditJob`:
+
+* :meth:`EditJob.start` (main thread) checks everything that can be checked before anything is
+  changed (strip, output folder, free channel, runtime settings, no other job), starts the local
+  runtime if needed, and starts the worker thread.
+* The worker thread does all socket I/O with the vendored client: it sends the frames the main
+  thread renders, writes each edited frame as a PNG as soon as it arrives, and posts events
+  (progress, frame written, done, cancelled, error) to a queue. It never touches bpy.
+* :meth:`EditJob.poll` (main thread; the operator's timer, or a loop) renders the next frames
+  into a bounded queue for the worker, applies the events (the strip grows), and says whether
+  the job is still running.
+* :meth:`EditJob.cancel` (any thread) asks the runtime to stop within one denoising step.
+
+A cancelled or failed job keeps the frames already received as a shorter strip and says how many.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from . import output_strip, runtime_process, strip_frames
+from .errors import P2VAddonError, StripTooLong
+
+FRAME_QUEUE = 4  # rendered frames waiting for the worker (memory bound)
+POLL_BUDGET = 0.05  # seconds of rendering per poll, so the UI stays responsive
+
+_current: "EditJob | None" = None
+_current_lock = threading.Lock()
+
+
+def current_job() -> "EditJob | None":
+    """The job running now, if any (the panel shows its progress)."""
+    job = _current
+    return job if job is not None and job.running else None
+
+
+@dataclass
+class JobStatus:
+    stage: str = "starting"
+    stage_done: int = 0
+    stage_total: int = 0
+
+
+class _Abort(Exception):
+    """The worker stops sending because the job was cancelled or the main side failed."""
+
+
+class EditJob:
+    """Edit ``strip`` of ``scene`` with ``settings`` (a dict of EditSettings fields)."""
+
+    def __init__(self, scene, strip, settings: dict, runtime: runtime_process.RuntimeConfig, *,
+                 depth: str = "ESTIMATE", output_dir: str = "", max_frames: int = 0, confirmed: bool = False):
+        self.scene = scene
+        self.strip = strip
+        self.settings = dict(settings)
+        self.runtime = runtime
+        self.depth = depth
+        self.output_dir = output_dir
+        self.max_frames = max_frames
+        self.confirmed = confirmed
+        self.state = "new"  # new, running, done, cancelled, failed
+        self.message = ""
+        self.status = JobStatus()
+        self.total = 0
+        self.stats: dict = {}
+        self.warnings: list[str] = []  # the runtime's warnings (e.g. a setting it adjusted)
+        self.frames: strip_frames.StripFrames | None = None
+        self.output: output_strip.OutputStrip | None = None
+        self.process: runtime_process.RuntimeProcess | None = None
+        self._events: queue.Queue = queue.Queue()
+        self._to_send: queue.Queue = queue.Queue(maxsize=FRAME_QUEUE)
+        self._rendered = 0
+        self._cancel = threading.Event()
+        self._abort = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._direct = False  # run_here: the socket I/O runs on the main thread
+        self._client = None  # the worker's connection, for cancel()
+        self._depth_pending = None
+        self.started_at = 0.0
+
+    # --- main thread ---------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    @property
+    def frames_done(self) -> int:
+        return 0 if self.output is None else self.output.frames
+
+    def start(self, threaded: bool = True) -> "EditJob":
+        """Check, then start; raise :class:`P2VAddonError` (nothing changed) when the job cannot run.
+
+        ``threaded=False`` starts no worker: :meth:`run_here` then does its work on this thread.
+        """
+        global _current
+        with _current_lock:
+            if current_job() is not None:
+                raise P2VAddonError("A Pix2Video edit is already running: wait for it or cancel it first")
+            _current = self
+            self.state = "running"
+        try:
+            self._prepare()
+        except BaseException:
+            self.state = "new"
+            with _current_lock:
+                if _current is self:
+                    _current = None
+            if self.frames is not None:
+                self.frames.close()
+            raise
+        self.started_at = time.monotonic()
+        if threaded:
+            self._worker = threading.Thread(target=self._work, name="p2v-edit-worker", daemon=True)
+            self._worker.start()
+        return self
+
+    def run_here(self) -> str:
+        """Start and run the whole job on the calling (main) thread, without a worker thread.
+
+        For the operator when it runs without an event loop (``bpy.ops.sequencer.p2v_edit()`` in a
+        script, ``blender -b``): the script may call it inside ``context.temp_override``, and an
+        operator (our renders) called there while another Python thread runs crashes Blender.
+        Frames are rendered as the socket asks for them; results are applied between frames.
+        """
+        self.start(threaded=False)
+        return self.run_started()
+
+    def run_started(self) -> str:
+        """Run a job started with ``threaded=False`` to its end on this thread; return its state."""
+        if self._worker is not None:
+            raise RuntimeError("this job has a worker thread: poll() it instead")
+        self._direct = True
+        try:
+            self._work()
+        except KeyboardInterrupt:
+            self._cancel.set()
+            self._events.put(("cancelled",))
+        while self.poll():
+            pass
+        return self.state
+
+    def _prepare(self) -> None:
+        prompt = str(self.settings.get("prompt") or "").strip()
+        if not prompt:
+            raise P2VAddonError("The prompt is empty: type what the strip should become")
+        size = self.settings.get("size")
+        if isinstance(size, int) and size % 64:
+            raise P2VAddonError(f"Size must be a multiple of 64, got {size}")
+        if not self.settings.get("source_prompt"):
+            self.settings["source_prompt"] = None
+        frames = strip_frames.StripFrames(self.scene, self.strip, self.depth)
+        self.total = frames.count
+        if self.max_frames and frames.count > self.max_frames and not self.confirmed:
+            raise StripTooLong(f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
+                               f"{self.max_frames}: confirm to edit it anyway", frames.count, self.max_frames)
+        if self.runtime.mode == "REMOTE":
+            runtime_process.require_wire()
+        else:
+            runtime_process.resolve_python(self.runtime.python)
+        self.output = output_strip.OutputStrip(self.scene, self.strip, frames.count, self.output_dir)
+        if self.runtime.mode != "REMOTE":
+            self.process = runtime_process.ensure_local(self.runtime)
+        frames.open()
+        self.frames = frames
+
+    def poll(self) -> bool:
+        """Render frames for the worker, apply what arrived; True while the job runs."""
+        if self.state != "running":
+            return False
+        try:
+            self._render_ahead()
+        except Exception as exc:  # a frame could not be rendered: stop the worker and the runtime's job
+            self._abort.set()
+            self._cancel.set()
+            self._events.put(("error", f"Frame {self._rendered} of strip '{self.strip_name}' could not be read: {exc}"))
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            self._apply(event)
+            if self.state != "running":
+                break
+        return self.state == "running"
+
+    @property
+    def strip_name(self) -> str:
+        return self.frames.strip_name if self.frames is not None else "?"
+
+    def _render_ahead(self) -> None:
+        if self.frames is None or self._direct or self._cancel.is_set() or self._abort.is_set():
+            return
+        deadline = time.monotonic() + POLL_BUDGET
+        while self._rendered < self.total and not self._to_send.full():
+            rgb = self.frames.read(self._rendered)
+            depth = self.frames.read_depth(self._rendered)
+            self._to_send.put((rgb, depth))
+            self._rendered += 1
+            if time.monotonic() > deadline:
+                break
+
+    def _apply(self, event: tuple) -> None:
+        kind = event[0]
+        if kind == "progress":
+            _, stage, done, total = event
+            self.status = JobStatus(stage, done, total)
+        elif kind == "frame":
+            self.output.append(event[1])
+        elif kind == "warning":
+            self.warnings.append(event[1])
+        elif kind == "done":
+            self.stats = event[1]
+            if self.frames_done == self.total:
+                self._finish("done", f"Edited {self.total} frame(s) of '{self.strip_name}' into strip "
+                             f"'{self.output.strip_name}' ({self.output.folder})")
+            else:
+                self._finish("failed", f"The runtime finished with {self.frames_done} of {self.total} frame(s)" + self._kept())
+        elif kind == "cancelled":
+            self._finish("cancelled", f"Cancelled after {self.frames_done} of {self.total} frame(s)" + self._kept())
+        elif kind == "error":
+            self._finish("failed", event[1] + self._kept())
+
+    def _kept(self) -> str:
+        if self.output is None or not self.output.frames:
+            return "; nothing was changed"
+        return f"; {self.output.frames} frame(s) kept in strip '{self.output.strip_name}'"
+
+    def _finish(self, state: str, message: str) -> None:
+        global _current
+        self._abort.set()
+        if self._worker is not None:
+            self._worker.join(10.0)
+        # Frames the worker wrote after its last event was taken still belong to the strip.
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if event[0] == "frame":
+                self.output.append(event[1])
+        if self.frames is not None:
+            self.frames.close()
+        self.state = state
+        self.message = message
+        with _current_lock:
+            if _current is self:
+                _current = None
+
+    def _apply_frames(self) -> None:
+        """Apply the frame events waiting in the queue, keep the rest in order (run_here only)."""
+        pending = []
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                break
+            if event[0] == "frame":
+                self.output.append(event[1])
+            elif event[0] in ("progress", "warning"):
+                self._apply(event)
+            else:
+                pending.append(event)
+        for event in pending:
+            self._events.put(event)
+
+    def cancel(self) -> None:
+        """Ask the runtime to stop (any thread); the job ends, state ``cancelled``, on a later poll.
+
+        The first call sends ``cancel`` at once (the runtime stops within one denoising step and
+        answers ``cancelled``); a second call drops the connection, for a runtime that does not
+        answer.
+        """
+        again = self._cancel.is_set()
+        self._cancel.set()
+        client = self._client
+        if client is None:
+            return
+        try:
+            client.close() if again else client.cancel()
+        except Exception:  # the connection is already gone: the worker reports that
+            pass
+
+    def wait(self, timeout: float | None = None, interval: float = 0.02, on_poll=None) -> str:
+        """Poll until the job ends (headless use); return its state."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll():
+            if on_poll is not None:
+                on_poll(self)
+            if deadline is not None and time.monotonic() > deadline:
+                self.cancel()
+                deadline = None
+            time.sleep(interval)
+        return self.state
+
+    # --- worker thread -------------------------------------------------------------------------
+
+    def _next_frame(self, index: int):
+        if self._direct:  # main thread: show what arrived, then render the frame asked for
+            self._apply_frames()
+            if self._cancel.is_set():
+                raise _Abort()
+            rgb = self.frames.read(index)
+            self._depth_pending = self.frames.read_depth(index)
+            self._rendered = index + 1
+            return rgb
+        while True:
+            if self._abort.is_set() or self._cancel.is_set():
+                raise _Abort()
+            try:
+                rgb, depth = self._to_send.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            self._depth_pending = depth
+            return rgb
+
+    def _next_depth(self, index: int):
+        return self._depth_pending
+
+    def _work(self) -> None:
+        events = self._events
+        client = None
+        try:
+            client = runtime_process.connect(self.runtime, self.process, self._cancel)
+            self._client = client
+            if self._cancel.is_set():  # cancelled while the runtime was starting: submit nothing
+                events.put(("cancelled",))
+                return
+            width, height = self.frames.width, self.frames.height
+            depth = self._next_depth if self.frames.has_depth else None
+            # cancel() calls client.cancel() itself, so the wait for results needs no polling.
+            for message in client.run_job(self.settings, self._next_frame, width, height, count=self.total,
+                                          depth=depth):
+                if message.type == "progress":
+                    events.put(("progress", message["stage"], message["done"], message["total"]))
+                elif message.type == "result":
+                    name = self.output.write(message["index"], message.payload, width, height)
+                    events.put(("frame", name))
+                elif message.type == "warning":
+                    events.put(("warning", str(message.get("message", ""))))
+                elif message.type == "done":
+                    events.put(("done", dict(message["stats"])))
+                elif message.type == "cancelled":
+                    events.put(("cancelled",))
+        except _Abort:
+            events.put(("cancelled",) if self._cancel.is_set() else ("error", "Stopped"))
+        except P2VAddonError as exc:
+            events.put(("cancelled",) if self._cancel.is_set() else ("error", str(exc)))
+        except OSError as exc:
+            events.put(("error", f"Cannot write the edited frame into {self.output.folder}: {exc.strerror or exc}"))
+        except Exception as exc:
+            lost = runtime_process.wire is not None and isinstance(exc, runtime_process.wire.ConnectionLost)
+            if lost and self._cancel.is_set():  # a second cancel() dropped the connection
+                events.put(("cancelled",))
+            else:
+                events.put(("error", self._describe_failure(exc)))
+        finally:
+            self._client = None
+            if client is not None:
+                client.close()
+
+    def _describe_failure(self, exc: Exception) -> str:
+        wire = runtime_process.wire
+        if wire is not None and isinstance(exc, wire.ConnectionLost):
+            if self.process is not None:
+                status = self.process.exit_status(wait=2.0)
+                if status is not None:
+                    return (f"The runtime stopped unexpectedly (exit status {status}) during the edit; "
+                            f"its log: {self.process.log_path}")
+            return f"Lost the connection to {self.runtime.describe()}: {exc.message}"
+        if wire is not None and isinstance(exc, wire.RemoteError):
+            return f"The runtime could not edit the strip: {exc.message}"
+        if wire is not None and isinstance(exc, wire.ProtocolError):
+            return f"The runtime broke the protocol: {exc.message}"
+        return f"Edit failed: {type(exc).__name__}: {exc}"

@@ -1,0 +1,346 @@
+"""Operators: edit the active strip (modal), cancel it, set up / check / release the runtime.
+
+Threading: sockets, subprocesses and pip run in worker threads; bpy is touched only here, on the
+main thread, from the modal operator's timer (``EditJob.poll``) or from ``bpy.app.timers``.
+"""
+
+
+import os
+import threading
+
+import bpy
+from bpy.props import BoolProperty
+
+from . import compat, job as job_module, preferences, properties, runtime_process, settings_map
+from .errors import P2VAddonError, StripTooLong
+
+TIMER_INTERVAL = 0.05
+
+# UI-side state of the background tasks (not saved; the one runtime lives in runtime_process).
+_setup: runtime_process.SetupTask | None = None
+_check = {"text": "", "thread": None}
+
+
+def setup_task() -> runtime_process.SetupTask | None:
+    return _setup
+
+
+def check_state() -> str:
+    return _check["text"]
+
+
+def build_job(context, *, confirmed: bool = False) -> job_module.EditJob:
+    """An :class:`EditJob` for the active strip, from the scene's settings and the preferences."""
+    scene = compat.sequencer_scene(context)
+    prefs = preferences.addon_preferences(context)
+    settings = settings_map.job_settings(properties.scene_values(scene.p2v), preferences.preference_values(prefs))
+    return job_module.EditJob(
+        scene, compat.active_strip(scene), settings, preferences.runtime_config(prefs),
+        depth=scene.p2v.depth, output_dir=bpy.path.abspath(prefs.output_dir) if prefs and prefs.output_dir else "",
+        max_frames=prefs.max_frames if prefs is not None else 0, confirmed=confirmed)
+
+
+def unavailable_reason(context) -> str | None:
+    """Why the edit cannot start now, or None (shown by the operator's poll and the panel)."""
+    if job_module.current_job() is not None:
+        return "A Pix2Video edit is running"
+    scene = compat.sequencer_scene(context)
+    if scene is None or scene.sequence_editor is None:
+        return "The scene has no strips"
+    strip = compat.active_strip(scene)
+    if strip is None:
+        return "No active strip: click the strip to edit"
+    kind = compat.strip_kind(strip)
+    if kind not in ("image", "movie", "scene"):
+        return f"'{strip.name}' is {compat.a_kind(kind)} strip; Pix2Video edits image, movie and scene strips"
+    return None
+
+
+class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
+    """Edit the active strip with Pix2Video into a new image strip above it"""
+
+    bl_idname = "sequencer.p2v_edit"
+    bl_label = "Edit Strip"
+    bl_options = {"REGISTER", "UNDO"}
+
+    confirm_long: BoolProperty(name="Confirm long strip", default=False, options={"HIDDEN", "SKIP_SAVE"},
+                               description="Edit even when the strip has more frames than the preference allows")
+
+    _timer = None
+    _job: job_module.EditJob | None = None
+
+    @classmethod
+    def poll(cls, context):
+        reason = unavailable_reason(context)
+        if reason is not None:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def invoke(self, context, event):
+        try:
+            job = build_job(context, confirmed=self.confirm_long)
+            job.start(threaded=self._threaded(context))
+        except StripTooLong as exc:
+            self.confirm_long = True
+            return context.window_manager.invoke_confirm(
+                self, event, title="Edit a long strip?",
+                message=f"The strip has {exc.frames} frames (limit {exc.limit}); editing may take long.")
+        except P2VAddonError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return self._run(context, job)
+
+    @staticmethod
+    def _threaded(context) -> bool:
+        """A worker thread and a modal timer with an event loop; else all on this thread."""
+        return not (bpy.app.background or context.window is None)
+
+    def execute(self, context):
+        try:
+            job = build_job(context, confirmed=self.confirm_long)
+            job.start(threaded=self._threaded(context))
+        except P2VAddonError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        return self._run(context, job)
+
+    def _run(self, context, job):
+        if not self._threaded(context):
+            # No event loop to drive a modal operator (scripts, blender -b): run to the end here,
+            # on this thread, with no worker thread (see EditJob.run_here).
+            job.run_started()
+            return self._finished(context, job)
+        self._job = job
+        self._timer = context.window_manager.event_timer_add(TIMER_INTERVAL, window=context.window)
+        context.window_manager.modal_handler_add(self)
+        self._status(context)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context, event):
+        job = self._job
+        if event.type == "TIMER":
+            if not job.poll():
+                return self._finished(context, job)
+            self._status(context)
+            compat.redraw_sequencer(context)
+            return {"RUNNING_MODAL"}
+        if event.type == "ESC" and event.value == "PRESS":
+            job.cancel()
+            self.report({"INFO"}, "Cancelling the Pix2Video edit...")
+            return {"RUNNING_MODAL"}
+        if event.type == "Z" and (event.ctrl or event.oskey) and event.value == "PRESS":
+            # Undo would take away the strip that is growing; wait for the job (or press Esc).
+            self.report({"WARNING"}, "Undo waits until the Pix2Video edit ends (Esc cancels it)")
+            return {"RUNNING_MODAL"}
+        return {"PASS_THROUGH"}
+
+    def _status(self, context):
+        job = self._job
+        workspace = getattr(context, "workspace", None)
+        if workspace is not None and job is not None:
+            status = job.status
+            workspace.status_text_set(f"Pix2Video: {status.stage} {status.stage_done}/{status.stage_total}, "
+                                      f"{job.frames_done}/{job.total} frames (Esc to cancel)")
+
+    def _finished(self, context, job):
+        if self._timer is not None:
+            context.window_manager.event_timer_remove(self._timer)
+            self._timer = None
+        workspace = getattr(context, "workspace", None)
+        if workspace is not None and not bpy.app.background:
+            workspace.status_text_set(None)
+        compat.redraw_sequencer(context)
+        level = {"done": "INFO", "cancelled": "WARNING"}.get(job.state, "ERROR")
+        self.report({level}, job.message)
+        # Frames that arrived are in the scene either way: keep them in the undo history.
+        return {"FINISHED"} if job.frames_done else {"CANCELLED"}
+
+
+class SEQUENCER_OT_p2v_cancel(bpy.types.Operator):
+    """Stop the running Pix2Video edit; frames already edited stay as a shorter strip"""
+
+    bl_idname = "sequencer.p2v_cancel"
+    bl_label = "Cancel Edit"
+
+    @classmethod
+    def poll(cls, context):
+        if job_module.current_job() is None:
+            cls.poll_message_set("No Pix2Video edit is running")
+            return False
+        return True
+
+    def execute(self, context):
+        job = job_module.current_job()
+        if job is not None:
+            job.cancel()
+        return {"FINISHED"}
+
+
+class P2V_OT_release_runtime(bpy.types.Operator):
+    """Stop the local runtime and free its GPU memory (it starts again with the next edit)"""
+
+    bl_idname = "p2v.release_runtime"
+    bl_label = "Release Runtime"
+
+    @classmethod
+    def poll(cls, context):
+        if job_module.current_job() is not None:
+            cls.poll_message_set("An edit is running: cancel it first")
+            return False
+        return True
+
+    def execute(self, context):
+        if runtime_process.release():
+            self.report({"INFO"}, "Stopped the Pix2Video runtime")
+        else:
+            self.report({"INFO"}, "No local Pix2Video runtime was running")
+        return {"FINISHED"}
+
+
+class P2V_OT_check_runtime(bpy.types.Operator):
+    """Check the runtime: for a local one, what its Python has and which torch device it finds"""
+
+    bl_idname = "p2v.check_runtime"
+    bl_label = "Check Runtime"
+
+    @classmethod
+    def poll(cls, context):
+        thread = _check["thread"]
+        if thread is not None and thread.is_alive():
+            cls.poll_message_set("A check is running")
+            return False
+        return True
+
+    def execute(self, context):
+        prefs = preferences.addon_preferences(context)
+        try:
+            config = preferences.runtime_config(prefs)
+        except P2VAddonError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        _check["text"] = "Checking..."
+        thread = threading.Thread(target=_run_check, args=(config,), name="p2v-check", daemon=True)
+        _check["thread"] = thread
+        thread.start()
+        _watch(lambda: not thread.is_alive())
+        return {"FINISHED"}
+
+
+def _run_check(config: runtime_process.RuntimeConfig) -> None:
+    if config.mode == "REMOTE":
+        try:
+            client = runtime_process.connect(config, None)
+            with client:
+                seconds = client.ping()
+                server = client.server_info.get("server", "p2v runtime")
+            _check["text"] = f"{server} at {config.host}:{config.port} answers ({seconds * 1000:.1f} ms)"
+        except P2VAddonError as exc:
+            _check["text"] = str(exc)
+        except Exception as exc:
+            _check["text"] = f"Check failed: {exc}"
+        return
+    _check["text"] = runtime_process.describe_check(runtime_process.check_python(config.python))
+
+
+class P2V_OT_setup_runtime(bpy.types.Operator):
+    """Make a virtual environment in the add-on's user folder and install the runtime (with torch) into it"""
+
+    bl_idname = "p2v.setup_runtime"
+    bl_label = "Set Up Runtime"
+
+    @classmethod
+    def poll(cls, context):
+        if _setup is not None and _setup.state == "running":
+            cls.poll_message_set("The set-up is running")
+            return False
+        return True
+
+    def execute(self, context):
+        global _setup
+        prefs = preferences.addon_preferences(context)
+        package = prefs.runtime_package.strip() if prefs is not None and prefs.runtime_package.strip() else \
+            preferences.bundled_runtime_package()
+        venv_dir = preferences.default_venv_dir()
+        runtime_process.release()
+        task = runtime_process.SetupTask(
+            preferences.base_python(prefs), venv_dir, [package],
+            torch_index_url=prefs.torch_index_url if prefs is not None else "",
+            log_path=os.path.join(preferences.log_dir(), "setup.log"))
+        _setup = task
+        task.start()
+
+        def finished() -> bool:
+            if task.state == "running":
+                return False
+            if task.state == "done":
+                current = preferences.addon_preferences()
+                if current is not None:
+                    current.runtime_mode = "LOCAL"
+                    current.python = task.python
+                _check["text"] = task.message
+            return True
+
+        _watch(finished)
+        self.report({"INFO"}, f"Setting up the Pix2Video runtime in {venv_dir}")
+        return {"FINISHED"}
+
+
+class P2V_OT_cancel_setup(bpy.types.Operator):
+    """Stop the runtime set-up"""
+
+    bl_idname = "p2v.cancel_setup"
+    bl_label = "Cancel Set-Up"
+
+    def execute(self, context):
+        if _setup is not None:
+            _setup.cancel()
+        return {"FINISHED"}
+
+
+_watchers: list = []
+
+
+def _watch(done) -> None:
+    """Redraw the UI every half second until ``done()`` is true (a ``bpy.app.timers`` timer)."""
+
+    def tick():
+        finished = done()
+        compat.redraw_sequencer()
+        if finished:
+            if tick in _watchers:
+                _watchers.remove(tick)
+            return None
+        return 0.5
+
+    _watchers.append(tick)
+    bpy.app.timers.register(tick, first_interval=0.2)
+
+
+CLASSES = (SEQUENCER_OT_p2v_edit, SEQUENCER_OT_p2v_cancel, P2V_OT_release_runtime, P2V_OT_check_runtime,
+           P2V_OT_setup_runtime, P2V_OT_cancel_setup)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    global _setup
+    for tick in list(_watchers):
+        if bpy.app.timers.is_registered(tick):
+            bpy.app.timers.unregister(tick)
+    _watchers.clear()
+    running = job_module.current_job()
+    if running is not None:
+        running.cancel()
+        running.wait(timeout=30)
+    if _setup is not None and _setup.state == "running":
+        _setup.cancel()
+        _setup.join(10)
+    _setup = None
+    _check["text"] = ""
+    runtime_process.release()
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,101 @@
+"""The Sequencer sidebar tab "Pix2Video": the scene's edit settings, the Edit button, progress."""
+
+from __future__ import annotations
+
+import bpy
+
+from . import compat, job as job_module, operators, preferences, runtime_process
+
+
+class SEQUENCER_PT_p2v(bpy.types.Panel):
+    bl_space_type = "SEQUENCE_EDITOR"
+    bl_region_type = "UI"
+    bl_category = "Pix2Video"
+    bl_label = "Pix2Video"
+
+    @classmethod
+    def poll(cls, context):
+        space = getattr(context, "space_data", None)
+        return space is None or getattr(space, "view_type", "SEQUENCER") in ("SEQUENCER", "SEQUENCER_PREVIEW")
+
+    def draw(self, context):
+        layout = self.layout
+        scene = compat.sequencer_scene(context)
+        props = scene.p2v
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+
+        strip = compat.active_strip(scene)
+        layout.label(text=f"Strip: {strip.name}" if strip is not None else "No active strip", icon="SEQUENCE")
+        layout.prop(props, "prompt")
+        layout.prop(props, "source_prompt", placeholder="caption of the first frame")
+
+        col = layout.column(align=True)
+        col.prop(props, "steps")
+        col.prop(props, "guidance")
+        col.prop(props, "seed")
+        col = layout.column()
+        col.prop(props, "injection")
+        col.prop(props, "update")
+        col.prop(props, "size")
+        col.prop(props, "depth")
+
+        running = job_module.current_job()
+        if running is None:
+            row = layout.row()
+            row.scale_y = 1.5
+            row.operator("sequencer.p2v_edit", text="Edit Strip", icon="SHADERFX")
+            reason = operators.unavailable_reason(context)
+            if reason is not None:
+                layout.label(text=reason, icon="INFO")
+        else:
+            status = running.status
+            factor = running.frames_done / running.total if running.total else 0.0
+            compat.layout_progress(layout, factor, f"{running.frames_done}/{running.total} frames")
+            if status.stage_total:
+                compat.layout_progress(layout, status.stage_done / status.stage_total,
+                                       f"{status.stage} {status.stage_done}/{status.stage_total}")
+            layout.operator("sequencer.p2v_cancel", text="Cancel", icon="CANCEL")
+
+        box = layout.box()
+        prefs = preferences.addon_preferences(context)
+        process = runtime_process.current()
+        if prefs is not None and prefs.runtime_mode == "REMOTE":
+            box.label(text=f"Runtime: {prefs.host}:{prefs.port}", icon="URL")
+        elif process is not None:
+            box.label(text=f"Runtime: running (pid {process.pid})", icon="CHECKMARK")
+        else:
+            box.label(text="Runtime: starts with the first edit", icon="TIME")
+        box.operator("p2v.release_runtime", icon="X")
+
+
+class SEQUENCER_PT_p2v_advanced(bpy.types.Panel):
+    bl_space_type = "SEQUENCE_EDITOR"
+    bl_region_type = "UI"
+    bl_category = "Pix2Video"
+    bl_label = "Advanced"
+    bl_parent_id = "SEQUENCER_PT_p2v"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        props = compat.sequencer_scene(context).p2v
+        layout.use_property_split = True
+        layout.use_property_decorate = False
+        layout.prop(props, "layers")
+        layout.prop(props, "update_delta")
+        layout.prop(props, "update_steps")
+        layout.prop(props, "depth_norm")
+
+
+CLASSES = (SEQUENCER_PT_p2v, SEQUENCER_PT_p2v_advanced)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+
+
+def unregister() -> None:
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

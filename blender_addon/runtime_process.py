@@ -1,0 +1,507 @@
+"""The sidecar runtime: start it, keep it warm between jobs, connect to it, stop it.
+
+No bpy here (the worker thread and the set-up task use this module). The add-on holds at most one
+local runtime process (the "one runtime connection" of DESIGN.md) in :data:`_runtime`:
+
+* started with the runtime Python as ``python -m p2v_runtime.cli serve --port 0 --idle-timeout S``;
+  the token is made here and passed in ``P2V_TOKEN`` (never on the command line); the port comes
+  from the ready line on its stdout; its stderr goes to a log file;
+* reused while it runs with the same Python, so models stay loaded between jobs;
+* never outlives Blender: it exits on its own after ``--idle-timeout`` seconds unused, the add-on
+  stops it on unregister and at exit, and on Linux it also gets SIGTERM when Blender dies
+  (``PR_SET_PDEATHSIG``, set by a two-line bootstrap before the runtime's own ``main``).
+
+A remote runtime (host, port, token) is only connected to, never started or stopped.
+
+:class:`SetupTask` makes a virtual environment with a chosen Python and pip-installs the runtime
+into it, in a thread, with progress, a log and cancel. :func:`check_python` reports what a runtime
+Python has (``p2v_runtime`` version, torch and the device it finds) without importing torch here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import json
+import os
+import queue
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .errors import P2VAddonError
+
+try:
+    from ._vendor import client as wire_client
+    from ._vendor import protocol as wire
+except ImportError:  # pragma: no cover - a checkout where scripts/build_addon.py has not run
+    wire_client = wire = None
+
+READY_TIMEOUT = 120.0  # first start on a cold disk: Python, then the runtime's imports
+DEFAULT_IDLE_TIMEOUT = 900.0
+_IS_LINUX = sys.platform.startswith("linux")
+_NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+
+# Run by the runtime Python on Linux before the server starts: SIGTERM when the parent (Blender)
+# goes away, even when it is killed; then exactly ``python -m p2v_runtime.cli serve ...``.
+_BOOTSTRAP = (
+    "import ctypes, os, runpy, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(0)\n"
+    "sys.argv = ['p2v'] + sys.argv[2:]\n"
+    "runpy.run_module('p2v_runtime.cli', run_name='__main__', alter_sys=True)\n"
+)
+
+# What a runtime Python has; one line of JSON. Torch is imported there, never in Blender.
+CHECK_SNIPPET = r"""
+import json, sys
+info = {"python": sys.version.split()[0], "executable": sys.executable}
+try:
+    import p2v_runtime
+    info["p2v_runtime"] = getattr(p2v_runtime, "__version__", "?")
+except Exception as exc:
+    info["error"] = "p2v_runtime is not installed in this Python (%s)" % exc
+else:
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["device"] = "cuda (%s)" % torch.cuda.get_device_name(0)
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            info["device"] = "mps"
+        else:
+            info["device"] = "cpu"
+    except Exception as exc:
+        info["error"] = "torch cannot be imported (%s)" % exc
+print(json.dumps(info))
+"""
+
+
+def require_wire() -> None:
+    if wire_client is None:
+        raise P2VAddonError("The add-on's vendored protocol is missing: run scripts/build_addon.py "
+                            "(or install the built extension zip)")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where the runtime is: a local Python to start, or a running one to connect to."""
+
+    mode: str = "LOCAL"  # LOCAL or REMOTE
+    python: str = ""
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str = ""
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    log_dir: str = ""
+    env: dict = field(default_factory=dict)  # extra environment for a local runtime
+    serve_args: tuple = ()  # extra `p2v serve` arguments for a local runtime (tests: --job-runner echo)
+
+    def describe(self) -> str:
+        return f"the runtime at {self.host}:{self.port}" if self.mode == "REMOTE" else f"the local runtime ({self.python})"
+
+
+def venv_python(folder: str) -> str:
+    """The interpreter of a virtual environment folder."""
+    if os.name == "nt":
+        return os.path.join(folder, "Scripts", "python.exe")
+    return os.path.join(folder, "bin", "python")
+
+
+def resolve_python(path: str) -> str:
+    """An absolute path to an existing Python, or a :class:`P2VAddonError` that says what to do."""
+    if not path:
+        raise P2VAddonError("No runtime Python is set: use Preferences > Add-ons > Pix2Video > Set up runtime, "
+                            "or give the path of a Python that has p2v_runtime installed")
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        expanded = venv_python(expanded)
+    found = expanded if os.path.isfile(expanded) else shutil.which(expanded)
+    if not found:
+        raise P2VAddonError(f"The runtime Python {path} is not found: check the path in the Pix2Video preferences")
+    if not os.access(found, os.X_OK):
+        raise P2VAddonError(f"The runtime Python {found} is not executable")
+    return os.path.abspath(found)
+
+
+class RuntimeProcess:
+    """One ``p2v serve`` subprocess."""
+
+    def __init__(self, python: str, idle_timeout: float, log_path: str, env: dict | None = None,
+                 serve_args: tuple = ()):
+        self.python = python
+        self.idle_timeout = idle_timeout
+        self.log_path = log_path
+        self.env = dict(env or {})
+        self.serve_args = tuple(serve_args)
+        self.token = secrets.token_urlsafe(32)
+        self.host = "127.0.0.1"
+        self.port: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self._lines: queue.Queue = queue.Queue()
+        self._log_handle = None
+
+    def start(self) -> None:
+        """Launch the process (returns at once; :meth:`wait_ready` waits for its ready line).
+
+        Called on Blender's main thread, whose lifetime the Linux parent-death signal follows.
+        """
+        env = dict(os.environ)
+        env.update(self.env)
+        env["P2V_TOKEN"] = self.token
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        for name in ("PYTHONHOME", "PYTHONPATH"):  # Blender's own Python settings must not leak in
+            env.pop(name, None)
+        serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--idle-timeout", f"{self.idle_timeout:g}",
+                 *self.serve_args]
+        if _IS_LINUX:
+            args = [self.python, "-c", _BOOTSTRAP, str(os.getpid()), *serve]
+        else:
+            args = [self.python, "-m", "p2v_runtime.cli", *serve]
+        os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
+        self._log_handle = open(self.log_path, "wb")
+        try:
+            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=self._log_handle, env=env, creationflags=_NO_WINDOW)
+        except OSError as exc:
+            self._log_handle.close()
+            raise P2VAddonError(f"Cannot start the runtime Python {self.python}: {exc.strerror or exc}") from None
+        threading.Thread(target=self._read_stdout, name="p2v-runtime-stdout", daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        proc = self.proc
+        try:
+            for line in proc.stdout:
+                self._lines.put(line.decode("utf-8", "replace").strip())
+        except (OSError, ValueError):
+            pass
+        self._lines.put(None)
+
+    def wait_ready(self, cancel: threading.Event | None = None, timeout: float = READY_TIMEOUT) -> None:
+        """Wait for the ready line; raise with the reason (from the log) when the process ends first."""
+        if self.port is not None:
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            if cancel is not None and cancel.is_set():
+                raise P2VAddonError("Cancelled while the runtime was starting")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stop()
+                raise P2VAddonError(f"The runtime did not start within {timeout:g} s; its log: {self.log_path}")
+            try:
+                line = self._lines.get(timeout=min(0.2, left))
+            except queue.Empty:
+                continue
+            if line is None:
+                self.proc.wait(5)
+                raise P2VAddonError(self.startup_failure())
+            try:
+                ready = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ready, dict) and ready.get("event") == "ready":
+                if ready.get("protocol") != wire.PROTOCOL_VERSION:
+                    self.stop()
+                    raise P2VAddonError(f"The runtime speaks protocol {ready.get('protocol')}, the add-on {wire.PROTOCOL_VERSION}: "
+                                        "update the runtime (Set up runtime) or the add-on so they match")
+                self.host = str(ready.get("host") or "127.0.0.1")
+                self.port = int(ready["port"])
+                return
+
+    def startup_failure(self) -> str:
+        """One line on why the process ended before it was ready."""
+        log = self.log_tail()
+        if "No module named" in log and "p2v_runtime" in log:
+            return (f"The runtime Python {self.python} does not have p2v_runtime installed: use Set up runtime "
+                    "in the Pix2Video preferences, or pip install the runtime into that Python")
+        last = next((line for line in reversed(log.splitlines()) if line.strip()), "no output")
+        code = self.proc.returncode if self.proc is not None else None
+        return f"The runtime stopped while starting (exit status {code}): {last.strip()[:300]}; log: {self.log_path}"
+
+    def log_tail(self, limit: int = 8192) -> str:
+        try:
+            with open(self.log_path, "rb") as handle:
+                handle.seek(0, os.SEEK_END)
+                size = handle.tell()
+                handle.seek(max(0, size - limit))
+                return handle.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.proc is None else self.proc.pid
+
+    def exit_status(self, wait: float = 0.0) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(wait) if wait else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask the runtime to shut down (frees its GPU memory); terminate, then kill, if it will not."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            if self.port is not None and wire_client is not None:
+                try:
+                    with wire_client.Client(self.host, self.port, self.token, timeout=2.0, connect_timeout=2.0,
+                                            name="pix2video-blender") as client:
+                        client.shutdown(self.token)
+                except Exception:
+                    pass
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout)
+        if proc is not None and proc.stdout is not None:
+            try:
+                proc.stdout.close()
+            except OSError:
+                pass
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+
+
+_runtime: RuntimeProcess | None = None
+_lock = threading.Lock()
+
+
+def current() -> RuntimeProcess | None:
+    """The local runtime process when it is running."""
+    with _lock:
+        return _runtime if _runtime is not None and _runtime.alive() else None
+
+
+def ensure_local(config: RuntimeConfig) -> RuntimeProcess:
+    """The warm local runtime for ``config.python``, started now if there is none (main thread)."""
+    global _runtime
+    require_wire()
+    python = resolve_python(config.python)
+    with _lock:
+        running = _runtime
+        if (running is not None and running.alive() and running.python == python
+                and running.env == dict(config.env) and running.serve_args == tuple(config.serve_args)):
+            return running
+    if running is not None:
+        running.stop()
+    log_dir = config.log_dir or os.path.join(os.path.expanduser("~"), ".cache", "p2v")
+    process = RuntimeProcess(python, config.idle_timeout, os.path.join(log_dir, "runtime.log"), config.env,
+                             config.serve_args)
+    process.start()
+    with _lock:
+        _runtime = process
+    return process
+
+
+def release() -> bool:
+    """Stop the local runtime (frees its memory); True when one was running."""
+    global _runtime
+    with _lock:
+        process, _runtime = _runtime, None
+    if process is None:
+        return False
+    was_alive = process.alive()
+    process.stop()
+    return was_alive
+
+
+atexit.register(release)
+
+
+def connect(config: RuntimeConfig, process: RuntimeProcess | None, cancel: threading.Event | None = None):
+    """An open :class:`Client` to the runtime (worker thread): the local ``process`` or the remote one."""
+    require_wire()
+    if config.mode == "REMOTE":
+        host, port, token = config.host, int(config.port), config.token
+        if not host or not 0 < port < 65536:
+            raise P2VAddonError("Set the host and port of the running runtime in the Pix2Video preferences")
+    else:
+        process.wait_ready(cancel)
+        host, port, token = process.host, process.port, process.token
+    try:
+        return wire_client.Client(host, port, token, timeout=60.0, connect_timeout=10.0, name="pix2video-blender")
+    except wire.RemoteError as exc:
+        if exc.code == wire.E_AUTH:
+            raise P2VAddonError(f"The runtime at {host}:{port} refused the token: check the token in the Pix2Video preferences") from None
+        raise P2VAddonError(f"The runtime at {host}:{port} refused the connection: {exc.message}") from None
+    except wire.ConnectionLost as exc:
+        raise P2VAddonError(f"Cannot connect to the runtime at {host}:{port}: {exc.message.split(': ', 1)[-1]}") from None
+    except (wire.ProtocolError, OSError) as exc:
+        raise P2VAddonError(f"Cannot talk to the runtime at {host}:{port}: {getattr(exc, 'message', None) or exc}") from None
+
+
+def check_python(python: str, timeout: float = 300.0) -> dict:
+    """What ``python`` has, as a dict (``device`` or ``error``); torch is imported only in that process."""
+    try:
+        python = resolve_python(python)
+    except P2VAddonError as exc:
+        return {"error": str(exc)}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
+    try:
+        done = subprocess.run([python, "-c", CHECK_SNIPPET], capture_output=True, timeout=timeout,
+                              env=env, stdin=subprocess.DEVNULL, creationflags=_NO_WINDOW)
+    except subprocess.TimeoutExpired:
+        return {"error": f"{python} did not answer within {timeout:g} s"}
+    except OSError as exc:
+        return {"error": f"cannot run {python}: {exc.strerror or exc}"}
+    lines = done.stdout.decode("utf-8", "replace").strip().splitlines()
+    try:
+        info = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        tail = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        return {"error": f"{python} failed (exit status {done.returncode}): {tail[-1] if tail else 'no output'}"}
+    return info
+
+
+def describe_check(info: dict) -> str:
+    if "error" in info:
+        return info["error"]
+    return f"p2v_runtime {info.get('p2v_runtime')}, torch {info.get('torch')}, device {info.get('device')}"
+
+
+# --- setting up a runtime environment -----------------------------------------------------------
+
+
+class SetupTask:
+    """Create a venv with ``base_python`` and pip-install the runtime into it, in a thread.
+
+    ``packages`` is what pip installs (e.g. the bundled wheel with ``[runtime]``); a torch index
+    URL installs torch from there first (CUDA or ROCm builds). Progress is ``step/steps`` plus the
+    latest pip line; the whole output goes to ``log_path`` and the last lines to :attr:`lines`.
+    """
+
+    def __init__(self, base_python: str, venv_dir: str, packages: list[str], *, torch_index_url: str = "",
+                 pip_args: list[str] | None = None, log_path: str = "", env: dict | None = None):
+        self.base_python = base_python
+        self.venv_dir = venv_dir
+        self.packages = list(packages)
+        self.torch_index_url = torch_index_url.strip()
+        self.pip_args = list(pip_args or [])
+        self.log_path = log_path or os.path.join(venv_dir + "-setup.log")
+        self.env = dict(env or {})
+        self.lines: collections.deque = collections.deque(maxlen=200)
+        self.step = 0
+        self.steps = 3 + bool(self.torch_index_url)
+        self.stage = "waiting"
+        self.state = "idle"  # running, done, failed, cancelled
+        self.result: dict = {}
+        self.message = ""
+        self._cancel = threading.Event()
+        self._proc: subprocess.Popen | None = None
+        self._thread: threading.Thread | None = None
+        self._log = None
+
+    @property
+    def python(self) -> str:
+        return venv_python(self.venv_dir)
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self.step / self.steps)
+
+    def start(self) -> None:
+        self.state = "running"
+        self._thread = threading.Thread(target=self._run, name="p2v-setup", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+
+    def join(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.state != "running"
+
+    def _say(self, text: str) -> None:
+        self.lines.append(text)
+        if self._log is not None:
+            self._log.write(text + "\n")
+            self._log.flush()
+
+    def _run(self) -> None:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(self.log_path)), exist_ok=True)
+            self._log = open(self.log_path, "w", encoding="utf-8")
+            base = resolve_python(self.base_python)
+            steps = [("Creating the virtual environment", [base, "-m", "venv", self.venv_dir])]
+            pip = [self.python, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", *self.pip_args]
+            if self.torch_index_url:
+                steps.append(("Installing torch", [*pip, "torch", "--index-url", self.torch_index_url]))
+            steps.append(("Installing the runtime", [*pip, *self.packages]))
+            for stage, command in steps:
+                self.stage = stage
+                self._say(f"== {stage}: {' '.join(command)}")
+                self._run_command(command)
+                self.step += 1
+            self.stage = "Checking the runtime"
+            self._say(f"== {self.stage}")
+            info = check_python(self.python)
+            self.result = info
+            self.step += 1
+            if "error" in info:
+                raise P2VAddonError(f"The runtime was installed but does not work: {info['error']}")
+            self.message = f"Runtime ready: {describe_check(info)}"
+            self.state = "done"
+        except _SetupCancelled:
+            self.message = "Set-up cancelled"
+            self.state = "cancelled"
+        except P2VAddonError as exc:
+            self.message = str(exc)
+            self.state = "failed"
+        except Exception as exc:  # keep the UI informed whatever happens
+            self.message = f"Set-up failed: {type(exc).__name__}: {exc}"
+            self.state = "failed"
+        finally:
+            self._say(self.message)
+            if self._log is not None:
+                self._log.close()
+                self._log = None
+
+    def _run_command(self, command: list[str]) -> None:
+        if self._cancel.is_set():
+            raise _SetupCancelled()
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH", "PIP_REQUIRE_VIRTUALENV")}
+        env.update(self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        try:
+            self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, env=env, creationflags=_NO_WINDOW)
+        except OSError as exc:
+            raise P2VAddonError(f"Cannot run {command[0]}: {exc.strerror or exc}") from None
+        for raw in self._proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._say(line)
+        code = self._proc.wait()
+        if self._cancel.is_set():
+            raise _SetupCancelled()
+        if code != 0:
+            last = next((line for line in reversed(self.lines) if line.strip() and not line.startswith("==")), "")
+            raise P2VAddonError(f"{self.stage} failed (exit status {code}): {last[:300]}; log: {self.log_path}")
+
+
+class _SetupCancelled(Exception):
+    pass

@@ -1,0 +1,261 @@
+"""Edit one strip of a .blend with Pix2Video, without Blender's UI.
+
+    blender -b file.blend --python scripts/p2v_blender.py -- --strip NAME --prompt "..." [options]
+    python scripts/p2v_blender.py --blend file.blend --strip NAME --prompt "..." [options]
+
+The second form needs a Python with the ``bpy`` module (``pip install bpy``). Both run the
+add-on's own job code (the enabled Pix2Video add-on when Blender has one, else the copy in this
+checkout): the strip's frames go to the runtime, the edited frames into a new image strip above
+it, exactly as with the Edit Strip button. Prints progress lines on stdout; exits 0 only when
+every frame arrived, else non-zero with one line ``p2v_blender: error: ...`` on stderr
+(1: the edit failed or was refused, 2: bad arguments, 130: cancelled). ``--save`` saves the .blend
+with the new strip.
+
+Settings: the scene's Pix2Video settings when the .blend has them, the runtime's defaults
+otherwise; any option given here wins. The runtime is started with ``--runtime-python`` (default:
+``$P2V_RUNTIME_PYTHON``, the add-on's preference, its set-up venv, or this Python), or reached at
+``--server HOST:PORT`` with the token from ``--token-file`` or ``$P2V_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROG = "p2v_blender"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
+
+# p2v edit's options (same names and meaning); None: the scene's value or the runtime's default.
+_EDIT_OPTIONS = (
+    ("--source-prompt", str, "describes the strip as it is (default: caption of its first frame)"),
+    ("--model", str, "depth-conditioned SD 2: id or folder on the runtime's machine"),
+    ("--captioner", str, "BLIP: id or folder on the runtime's machine"),
+    ("--device", str, "auto, cuda, mps or cpu"),
+    ("--dtype", str, "auto, fp16 or fp32"),
+    ("--steps", int, "DDIM steps"),
+    ("--guidance", float, "classifier-free guidance scale"),
+    ("--seed", int, "seed"),
+    ("--injection", str, "anchor+previous, anchor, previous or none"),
+    ("--layers", str, "decoder or all"),
+    ("--update", str, "x0, autograd or off"),
+    ("--update-delta", float, "step size of the guided update"),
+    ("--update-steps", int, "last step index of the guided update, counted on 50 steps"),
+    ("--size", int, "long side of the working size (multiple of 64)"),
+    ("--depth-norm", str, "clip or frame"),
+    ("--cache-dir", str, "inversion cache folder on the runtime's machine"),
+)
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Edit one strip of a .blend with Pix2Video.")
+    parser.add_argument("--blend", help="the .blend to open (needed when run by plain Python with bpy)")
+    parser.add_argument("--strip", required=True, help="name of the image, movie or scene strip to edit")
+    parser.add_argument("--scene", help="scene that holds the strip (default: the file's current scene)")
+    parser.add_argument("--prompt", required=True, help="what the strip should become")
+    for flag, kind, text in _EDIT_OPTIONS:
+        parser.add_argument(flag, type=kind, default=None, help=text)
+    parser.add_argument("--depth", choices=("estimate", "zpass"), default=None,
+                        help="estimate depth from the frames, or render the Z pass of a scene strip")
+    parser.add_argument("--save", action="store_true", help="save the .blend with the new strip")
+    parser.add_argument("--runtime-python", help="Python that has p2v_runtime (starts a local runtime)")
+    parser.add_argument("--server", metavar="HOST:PORT", help="use a running `p2v serve` instead")
+    parser.add_argument("--token-file", help="file with the --server token (default: $P2V_TOKEN)")
+    parser.add_argument("--output-dir", help="where frames go when the .blend is not saved (default: the temp folder)")
+    parser.add_argument("--max-frames", type=int, default=0, help="refuse strips with more frames than this (0: no limit)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def script_arguments(argv: list[str]) -> list[str]:
+    """Arguments for this script: after ``--`` when Blender runs it, else all but the program name."""
+    if "--" in argv:
+        return argv[argv.index("--") + 1:]
+    return argv[1:]
+
+
+def find_addon():
+    """The add-on package: the one enabled in Blender, else this checkout's ``blender_addon``."""
+    import bpy
+
+    for name in bpy.context.preferences.addons.keys():
+        module = sys.modules.get(name)
+        info = getattr(module, "bl_info", None) or {}
+        if name.rsplit(".", 1)[-1] == "pix2video" or info.get("name") == "Pix2Video":
+            try:
+                importlib.import_module(f"{name}.job")
+                return module, True
+            except ImportError:
+                continue
+    sys.path.insert(0, os.path.join(REPO, "scripts"))
+    import build_addon  # the checkout's vendored protocol must match the runtime's
+
+    build_addon.vendor()
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    return importlib.import_module("blender_addon"), False
+
+
+def say(text: str, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"{PROG}: {text}", flush=True)
+
+
+def fail(text: str, code: int = EXIT_FAILED) -> int:
+    print(f"{PROG}: error: {' '.join(str(text).split())}", file=sys.stderr, flush=True)
+    return code
+
+
+def run(argv: list[str]) -> int:
+    try:
+        args = build_parser().parse_args(script_arguments(argv))
+    except UsageError as exc:
+        return fail(exc, EXIT_USAGE)
+    try:
+        import bpy
+    except ImportError as exc:
+        return fail(f"bpy is not importable ({exc}): run this with Blender (blender -b FILE --python "
+                    f"{os.path.basename(__file__)} -- ...) or with a Python that has the bpy module", EXIT_USAGE)
+    if args.blend:
+        path = os.path.abspath(args.blend)
+        if not os.path.isfile(path):
+            return fail(f"--blend {args.blend}: no such file", EXIT_USAGE)
+        try:
+            bpy.ops.wm.open_mainfile(filepath=path)
+        except RuntimeError as exc:
+            return fail(f"cannot open {args.blend}: {str(exc).strip().splitlines()[-1]}")
+    elif not bpy.data.filepath and not bpy.app.binary_path:
+        return fail("give --blend FILE (a Python with bpy starts with an empty file)", EXIT_USAGE)
+    if args.save and not bpy.data.filepath:
+        return fail("--save needs a saved .blend: open one with --blend or on Blender's command line", EXIT_USAGE)
+
+    addon, enabled = find_addon()
+    registered = False
+    if not enabled and not hasattr(bpy.types.Scene, "p2v"):
+        addon.register()  # scene settings saved in the .blend become readable
+        registered = True
+    job_module = importlib.import_module(f"{addon.__name__}.job")
+    errors = importlib.import_module(f"{addon.__name__}.errors")
+    compat = importlib.import_module(f"{addon.__name__}.compat")
+    settings_map = importlib.import_module(f"{addon.__name__}.settings_map")
+    preferences = importlib.import_module(f"{addon.__name__}.preferences")
+    runtime_process = importlib.import_module(f"{addon.__name__}.runtime_process")
+    try:
+        return _edit(args, bpy, job_module, errors, compat, settings_map, preferences, runtime_process, enabled)
+    finally:
+        runtime_process.release()
+        if registered:
+            addon.unregister()
+
+
+def _edit(args, bpy, job_module, errors, compat, settings_map, preferences, runtime_process, enabled) -> int:
+    scene = bpy.data.scenes.get(args.scene) if args.scene else bpy.context.scene
+    if scene is None:
+        return fail(f"no scene named {args.scene!r} in {bpy.data.filepath or 'the file'}")
+    editor = scene.sequence_editor
+    strip = compat.all_strips(editor).get(args.strip) if editor is not None else None
+    if strip is None:
+        names = ", ".join(sorted(s.name for s in compat.all_strips(editor))[:10]) if editor is not None else ""
+        return fail(f"scene '{scene.name}' has no strip named {args.strip!r}" + (f" (it has: {names})" if names else ""))
+
+    prefs = preferences.addon_preferences() if enabled else None
+    properties = importlib.import_module(f"{preferences.__package__}.properties")
+    scene_values = properties.scene_values(scene.p2v) if hasattr(scene, "p2v") else {}
+    overrides = {"prompt": args.prompt}
+    for flag, _, _ in _EDIT_OPTIONS:
+        name = flag[2:].replace("-", "_")
+        overrides[name] = getattr(args, name)
+    for name, allowed in settings_map.CHOICES.items():
+        value = overrides.get(name)
+        if value is not None and value not in allowed:
+            return fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}", EXIT_USAGE)
+    settings = settings_map.job_settings(scene_values, preferences.preference_values(prefs), overrides)
+    depth = args.depth.upper() if args.depth else (scene.p2v.depth if hasattr(scene, "p2v") else "ESTIMATE")
+
+    try:
+        runtime = _runtime_config(args, prefs, preferences, runtime_process)
+    except errors.P2VAddonError as exc:
+        return fail(exc, EXIT_USAGE)
+    output_dir = args.output_dir or (bpy.path.abspath(prefs.output_dir) if prefs is not None and prefs.output_dir else "")
+    job = job_module.EditJob(scene, strip, settings, runtime, depth=depth, output_dir=output_dir,
+                             max_frames=max(0, args.max_frames))
+    try:
+        job.start()
+    except errors.P2VAddonError as exc:
+        return fail(exc)
+    say(f"editing {job.total} frame(s) of strip '{strip.name}' at {job.frames.width}x{job.frames.height} "
+        f"on {runtime.describe()}", args.quiet)
+
+    last = [None, 0.0]
+
+    def report(current):
+        status = current.status
+        line = f"{current.frames_done}/{current.total} frames, {status.stage} {status.stage_done}/{status.stage_total}"
+        now = time.monotonic()
+        if line != last[0] and (now - last[1] > 0.5 or current.frames_done != getattr(report, "frames", -1)):
+            say(line, args.quiet)
+            last[0], last[1] = line, now
+            report.frames = current.frames_done
+
+    try:
+        state = job.wait(on_poll=report)
+    except KeyboardInterrupt:
+        job.cancel()
+        state = job.wait()
+    if job.frames_done and args.save:
+        bpy.ops.wm.save_mainfile()
+        say(f"saved {bpy.data.filepath}", args.quiet)
+    if state == "done":
+        say(job.message, args.quiet)
+        return EXIT_OK
+    return fail(job.message, EXIT_CANCELLED if state == "cancelled" else EXIT_FAILED)
+
+
+def _runtime_config(args, prefs, preferences, runtime_process):
+    if args.server:
+        host, _, port = args.server.rpartition(":")
+        if not host or not port.isdigit():
+            raise preferences_error(preferences, f"--server {args.server}: expected HOST:PORT")
+        token = os.environ.get("P2V_TOKEN", "").strip()
+        if args.token_file:
+            try:
+                with open(args.token_file, encoding="utf-8") as handle:
+                    token = handle.read().strip()
+            except OSError as exc:
+                raise preferences_error(preferences, f"cannot read --token-file {args.token_file}: {exc.strerror or exc}")
+        return runtime_process.RuntimeConfig(mode="REMOTE", host=host.strip("[]"), port=int(port), token=token)
+    config = preferences.runtime_config(prefs)
+    python = args.runtime_python or os.environ.get("P2V_RUNTIME_PYTHON", "") or config.python or sys.executable
+    config.mode = "LOCAL"
+    config.python = python
+    config.idle_timeout = 300.0
+    return config
+
+
+def preferences_error(preferences, message):
+    from importlib import import_module
+
+    return import_module(f"{preferences.__package__}.errors").P2VAddonError(message)
+
+
+def main() -> int:
+    return run(sys.argv)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.exit(code)

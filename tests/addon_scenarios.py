@@ -1,0 +1,794 @@
+"""Runs inside a Python that has bpy (5.0.1 in .venv, 4.2 in .venv-bpy42); driven by test_addon.py.
+
+    python tests/addon_scenarios.py --config CONFIG.json
+
+Installs the built extension zip into an isolated user folder (``BLENDER_USER_RESOURCES``),
+enables it, builds a .blend with image, movie and scene strips (trimmed, non-zero starts) and
+then runs the scenarios named in the config through the add-on's own ``EditJob`` with the real
+runtime subprocess and socket. Each scenario's findings go into one JSON file that the tests
+read; an exception in a scenario is recorded, not fatal. No assertions here: the tests decide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import faulthandler
+faulthandler.enable()
+
+import bpy
+
+CONFIG: dict = {}
+ADDON = "bl_ext.user_default.pix2video"
+M = {}  # the add-on's modules, by short name
+
+
+def mod(name):
+    if name not in M:
+        M[name] = importlib.import_module(f"{ADDON}.{name}")
+    return M[name]
+
+
+# --- the test .blend ---------------------------------------------------------------------------
+
+
+def build_blend(path: str, media: str) -> None:
+    compat = mod("compat")
+    bpy.ops.wm.read_homefile(use_empty=True)
+    scene = bpy.context.scene
+    scene.name = "Edit"
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 80, 48, 100
+    scene.frame_start, scene.frame_end = 1, 250
+    editor = scene.sequence_editor_create()
+    strips = compat.strips(editor)
+
+    img = strips.new_image("img", os.path.join(media, "imgs", "f000.png"), 2, 5)
+    for i in range(1, 10):
+        img.elements.append(f"f{i:03d}.png")
+    img.frame_offset_start, img.frame_offset_end = 2, 3  # shows timeline 7..11, files f002..f006
+    compat.new_effect_strip(editor, "block", "COLOR", 3, 8, 3)  # channel 3 is taken over 8..10
+
+    mov = strips.new_movie("mov", os.path.join(media, "clip.mp4"), 4, 20)
+    mov.frame_offset_start, mov.frame_offset_end = 1, 4  # shows timeline 21..27, movie frames 1..7
+
+    shot = bpy.data.scenes.new("Shot")
+    shot.render.engine = "CYCLES"
+    shot.cycles.samples = 1
+    shot.cycles.use_denoising = False
+    shot.render.resolution_x, shot.render.resolution_y = 80, 48
+    shot.frame_start, shot.frame_end = 1, 12
+    camera = bpy.data.objects.new("camera", bpy.data.cameras.new("camera"))
+    shot.collection.objects.link(camera)
+    shot.camera = camera
+    camera.location = (0.0, -6.0, 0.0)
+    camera.rotation_euler = (1.5708, 0.0, 0.0)
+    mesh = bpy.data.meshes.new("card")
+    mesh.from_pydata([(-1, 0, -1), (1, 0, -1), (1, 0, 1), (-1, 0, 1)], [], [(0, 1, 2, 3)])
+    card = bpy.data.objects.new("card", mesh)
+    shot.collection.objects.link(card)
+    card.location.x = -2.0
+    card.keyframe_insert("location", frame=1)
+    card.location.x = 2.0
+    card.keyframe_insert("location", frame=12)
+    shot.world = bpy.data.worlds.new("sky")
+    shot.world.color = (0.2, 0.3, 0.4)
+    sc = strips.new_scene("shot", shot, 6, 40)
+    sc.frame_offset_start, sc.frame_offset_end = 3, 2  # shows timeline 43..49, shot frames 4..10
+
+    try:
+        strips.new_sound("snd", os.path.join(media, "tone.wav"), 8, 60)
+    except RuntimeError:  # bpy 4.2 module is built without audio
+        pass
+    compat.new_effect_strip(editor, "txt", "TEXT", 9, 60, 10)
+    if hasattr(strips, "new_meta"):
+        strips.new_meta("meta", 10, 60)
+
+    top = strips.new_image("top", os.path.join(media, "imgs", "f000.png"), 127, 200)
+    compat.new_effect_strip(editor, "ceiling", "COLOR", 128, 199, 5)
+    gone = strips.new_movie("gone", os.path.join(media, "gone.mp4"), 2, 100)
+    holes = strips.new_image("holes", os.path.join(media, "holes", "h000.png"), 2, 120)
+    for i in range(1, 6):
+        holes.elements.append(f"h{i:03d}.png")
+    nocam = bpy.data.scenes.new("NoCamera")
+    strips.new_scene("nocam", nocam, 2, 140)
+    del top, gone, holes
+    for strip in compat.all_strips(editor):
+        # Strips made by script start with strobe 0, which 4.2 turns into 1 the first time it looks
+        # up a frame (as the UI's add operators and file loading already do): start from 1.
+        if getattr(strip, "strobe", 1.0) < 1.0:
+            strip.strobe = 1.0
+    bpy.ops.wm.save_as_mainfile(filepath=path)
+    bpy.ops.file.make_paths_absolute()  # so the tests may copy the .blend elsewhere
+    bpy.ops.wm.save_mainfile()
+    # Media that went missing after the strips were made.
+    os.unlink(os.path.join(media, "gone.mp4"))
+    os.unlink(os.path.join(media, "holes", "h003.png"))
+
+
+# --- observations ------------------------------------------------------------------------------
+
+_SKIP = {"rna_type", "select", "select_left_handle", "select_right_handle"}
+
+
+def rna_dump(obj, depth: int = 0):
+    """Plain values of an RNA struct's properties (nested structs two levels deep)."""
+    out = {}
+    for prop in obj.bl_rna.properties:
+        name = prop.identifier
+        if name in _SKIP:
+            continue
+        try:
+            value = getattr(obj, name)
+        except Exception as exc:
+            out[name] = f"<{type(exc).__name__}>"
+            continue
+        if prop.type == "POINTER":
+            if value is None:
+                out[name] = None
+            elif isinstance(value, bpy.types.ID):
+                out[name] = f"ID:{value.name}"
+            elif depth < 2:
+                out[name] = rna_dump(value, depth + 1)
+        elif prop.type == "COLLECTION":
+            if depth < 2:
+                out[name] = [rna_dump(item, depth + 1) for item in value]
+        elif getattr(prop, "is_array", False) or (prop.type in ("INT", "FLOAT", "BOOLEAN") and prop.array_length):
+            out[name] = [v for v in value]
+        elif prop.type == "ENUM" and prop.is_enum_flag:
+            out[name] = sorted(value)
+        else:
+            out[name] = value
+    return out
+
+
+def strips_state(scene) -> dict:
+    compat = mod("compat")
+    editor = scene.sequence_editor
+    return {strip.name: rna_dump(strip) for strip in compat.all_strips(editor)} if editor else {}
+
+
+def files_hash(folder: str) -> str:
+    digest = hashlib.sha256()
+    for root, _, names in sorted(os.walk(folder)):
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            digest.update(path.encode())
+            with open(path, "rb") as handle:
+                digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def listing(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(os.path.relpath(os.path.join(root, name), folder)
+                  for root, _, names in os.walk(folder) for name in names)
+
+
+def snapshot() -> dict:
+    scene = bpy.data.scenes["Edit"]
+    blend_dir = os.path.dirname(bpy.data.filepath)
+    return {
+        "strips": strips_state(scene),
+        "scenes": sorted(s.name for s in bpy.data.scenes),
+        "images": sorted(i.name for i in bpy.data.images),
+        "media": files_hash(CONFIG["media"]),
+        "outputs": listing(os.path.join(blend_dir, "p2v")),
+    }
+
+
+def changes(before: dict, after: dict, new_strip: str | None = None) -> list[str]:
+    """What differs between two snapshots, apart from the new strip and its files."""
+    found = []
+    for key in ("scenes", "images", "media"):
+        if before[key] != after[key]:
+            found.append(f"{key}: {before[key]} -> {after[key]}")
+    old, new = before["strips"], dict(after["strips"])
+    if new_strip is not None:
+        new.pop(new_strip, None)
+    if set(old) != set(new):
+        found.append(f"strips: {sorted(set(old) ^ set(new))}")
+    for name in set(old) & set(new):
+        if _same(old[name], new[name]) is False:
+            diff = sorted(k for k in old[name] if not _same(old[name].get(k), new[name].get(k)))
+            found.append(f"strip {name} changed: {diff}")
+    return found
+
+
+def _same(a, b) -> bool:
+    """Equal, with NaN equal to NaN (Blender leaves some element fields uninitialised)."""
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def new_strip_info(job) -> dict:
+    compat = mod("compat")
+    output = job.output
+    strip = output.strip() if output is not None else None
+    if strip is None:
+        return {}
+    directory = compat.abspath(strip.directory, bpy.data.scenes["Edit"])
+    return {
+        "name": strip.name, "type": strip.type, "channel": strip.channel,
+        "frame_final_start": strip.frame_final_start, "frame_final_duration": strip.frame_final_duration,
+        "directory": strip.directory, "abs_directory": directory,
+        "elements": [e.filename for e in strip.elements],
+        "folder": output.folder, "files_on_disk": listing(output.folder),
+    }
+
+
+# --- running jobs ------------------------------------------------------------------------------
+
+
+def settings(**overrides) -> dict:
+    values = dict(prompt="a red sports car", source_prompt="a grey car on a road", model=CONFIG["model"],
+                  captioner=CONFIG["captioner"], device="cpu", steps=2, size=64,
+                  cache_dir=os.path.join(CONFIG["work"], "inversions"))
+    values.update(overrides)
+    return values
+
+
+def runtime(**overrides):
+    rp = mod("runtime_process")
+    values = dict(python=CONFIG["runtime_python"], log_dir=os.path.join(CONFIG["work"], "logs"),
+                  env={"OMP_NUM_THREADS": "1"}, idle_timeout=120.0)
+    values.update(overrides)
+    return rp.RuntimeConfig(**values)
+
+
+def make_job(strip_name: str, settings_values=None, runtime_config=None, **kwargs):
+    job_module = mod("job")
+    scene = bpy.data.scenes["Edit"]
+    strip = mod("compat").all_strips(scene.sequence_editor).get(strip_name) if strip_name else None
+    return job_module.EditJob(scene, strip, settings_values or settings(), runtime_config or runtime(), **kwargs)
+
+
+def run_job(job, *, on_frame=None, timeout=240.0) -> dict:
+    started = time.monotonic()
+    job.start()
+    seen = [0]
+
+    def watch(current):
+        if on_frame is not None and current.frames_done > seen[0]:
+            seen[0] = current.frames_done
+            on_frame(current)
+
+    state = job.wait(timeout=timeout, on_poll=watch)
+    return {"state": state, "message": job.message, "frames_done": job.frames_done, "total": job.total,
+            "seconds": round(time.monotonic() - started, 2), "stats_frames": job.stats.get("frames")}
+
+
+def remove_new_strip(job) -> None:
+    """Take the result strip away again (its files stay), so every scenario starts from the same scene."""
+    strip = job.output.strip() if job.output is not None else None
+    if strip is not None:
+        mod("compat").strips(bpy.data.scenes["Edit"].sequence_editor).remove(strip)
+
+
+def edit_scenario(strip_name: str, **job_kwargs):
+    def scenario():
+        before = snapshot()
+        job = make_job(strip_name, **job_kwargs)
+        result = run_job(job)
+        result["new"] = new_strip_info(job)
+        after = snapshot()
+        result["changes"] = changes(before, after, result["new"].get("name"))
+        result["render_size"] = list(mod("compat").render_size(bpy.data.scenes["Edit"]))
+        remove_new_strip(job)
+        return result
+    return scenario
+
+
+def bad_input(strip_name, *, expect_type="P2VAddonError", setup=None, cleanup=None, **job_kwargs):
+    def scenario():
+        if setup is not None:
+            setup()
+        try:
+            before = snapshot()
+            job = make_job(strip_name, **job_kwargs)
+            try:
+                job.start()
+            except Exception as exc:
+                error = {"type": type(exc).__name__, "message": str(exc)}
+                result = {"error": error, "started": False}
+            else:
+                result = {"started": True, "state": job.wait(timeout=120), "message": job.message,
+                          "frames_done": job.frames_done}
+            result["changes"] = changes(before, snapshot())
+            result["running_job"] = mod("job").current_job() is not None
+            return result
+        finally:
+            if cleanup is not None:
+                cleanup()
+    return scenario
+
+
+def scenario_cancel():
+    before = snapshot()
+    job = make_job("mov", settings(steps=8))
+    cancelled_at = []
+
+    def on_frame(current):
+        if not cancelled_at:
+            cancelled_at.append(current.frames_done)
+            current.cancel()
+
+    result = run_job(job, on_frame=on_frame)
+    result["cancelled_at"] = cancelled_at
+    result["new"] = new_strip_info(job)
+    result["changes"] = changes(before, snapshot(), result["new"].get("name"))
+    remove_new_strip(job)
+    return result
+
+
+def scenario_crash():
+    rp = mod("runtime_process")
+    before = snapshot()
+    job = make_job("mov", settings(steps=8))
+    killed = []
+
+    def on_frame(current):
+        if not killed and current.process is not None:
+            killed.append(current.process.pid)
+            os.kill(current.process.pid, signal.SIGKILL)
+
+    result = run_job(job, on_frame=on_frame)
+    result["killed"] = killed
+    result["new"] = new_strip_info(job)
+    result["changes"] = changes(before, snapshot(), result["new"].get("name"))
+    result["runtime_after"] = rp.current() is not None
+    remove_new_strip(job)
+    return result
+
+
+def scenario_second_edit():
+    first = make_job("mov", settings(steps=8))
+    first.start()
+    try:
+        second = make_job("img")
+        try:
+            second.start()
+            outcome = {"second_started": True}
+        except Exception as exc:
+            outcome = {"second_started": False, "type": type(exc).__name__, "message": str(exc)}
+    finally:
+        first.cancel()
+        outcome["first_state"] = first.wait(timeout=120)
+        outcome["first_frames"] = first.frames_done
+        outcome["first_message"] = first.message
+    return outcome
+
+
+def scenario_remote_wrong_token():
+    rp = mod("runtime_process")
+    process = rp.ensure_local(runtime())
+    process.wait_ready()
+    config = rp.RuntimeConfig(mode="REMOTE", host=process.host, port=process.port, token="not-the-token")
+    return bad_input("img", runtime_config=config)()
+
+
+def scenario_remote_refused():
+    rp = mod("runtime_process")
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    config = rp.RuntimeConfig(mode="REMOTE", host="127.0.0.1", port=port, token="x")
+    return bad_input("img", runtime_config=config)()
+
+
+def scenario_remote_ok():
+    """A runtime started elsewhere (here: the add-on's own, reached as a remote one, by port and token)."""
+    rp = mod("runtime_process")
+    process = rp.ensure_local(runtime())
+    process.wait_ready()
+    config = rp.RuntimeConfig(mode="REMOTE", host=process.host, port=process.port, token=process.token)
+    return edit_scenario("img", runtime_config=config)()
+
+
+def scenario_warm_reuse():
+    rp = mod("runtime_process")
+    pids = []
+    for _ in range(2):
+        job = make_job("img")
+        result = run_job(job)
+        pids.append((job.process.pid, result["state"], result["seconds"]))
+    return {"runs": pids, "alive": rp.current() is not None}
+
+
+def scenario_release():
+    rp = mod("runtime_process")
+    process = rp.ensure_local(runtime())
+    process.wait_ready()
+    pid = process.pid
+    released = rp.release()
+    return {"released": released, "pid_gone": process.proc.poll() is not None, "current": rp.current() is not None,
+            "pid": pid}
+
+
+def no_output_dir_setup():
+    # The output folder cannot be made: a file stands where the p2v folder would go.
+    blend_dir = os.path.dirname(bpy.data.filepath)
+    shutil.move(os.path.join(blend_dir, "p2v"), os.path.join(blend_dir, "p2v.moved")) if os.path.isdir(os.path.join(blend_dir, "p2v")) else None
+    with open(os.path.join(blend_dir, "p2v"), "w") as handle:
+        handle.write("not a folder\n")
+
+
+def no_output_dir_cleanup():
+    blend_dir = os.path.dirname(bpy.data.filepath)
+    os.unlink(os.path.join(blend_dir, "p2v"))
+    if os.path.isdir(os.path.join(blend_dir, "p2v.moved")):
+        shutil.move(os.path.join(blend_dir, "p2v.moved"), os.path.join(blend_dir, "p2v"))
+
+
+def scenario_unsaved_file():
+    """A file never saved: the frames go under the output folder preference, the strip uses absolute paths."""
+    path = bpy.data.filepath
+    out_dir = os.path.join(CONFIG["work"], "unsaved-out")
+    compat = mod("compat")
+    try:
+        bpy.ops.wm.read_homefile(use_empty=True)
+        scene = bpy.context.scene
+        scene.render.resolution_x, scene.render.resolution_y = 80, 48
+        editor = scene.sequence_editor_create()
+        strip = compat.strips(editor).new_image("still", os.path.join(CONFIG["media"], "imgs", "f000.png"), 1, 1)
+        job = mod("job").EditJob(scene, strip, settings(), runtime(serve_args=("--job-runner", "echo")),
+                                 output_dir=out_dir)
+        result = run_job(job)
+        new = job.output.strip()
+        result.update(filepath=bpy.data.filepath, folder=job.output.folder, out_dir=out_dir,
+                      directory=new.directory if new else None, files=listing(job.output.folder))
+        return result
+    finally:
+        bpy.ops.wm.open_mainfile(filepath=path)
+
+
+def scenario_unwritable_probe():
+    output_strip = mod("output_strip")
+    try:
+        output_strip.check_writable("/proc/p2v-test/out")
+        return {"raised": False}
+    except Exception as exc:
+        return {"raised": True, "type": type(exc).__name__, "message": str(exc)}
+
+
+class Recorder:
+    """Stands in for ``UILayout``: records every call, returns itself for sub-layouts."""
+
+    def __init__(self, log=None, depth=0):
+        self.log = log if log is not None else []
+        self.depth = depth
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def call(*args, **kwargs):
+            entry = {"call": name, "depth": self.depth}
+            if name == "prop":
+                entry["data"] = type(args[0]).__name__
+                entry["property"] = args[1]
+                entry["exists"] = args[1] in getattr(args[0], "bl_rna", type(args[0]).bl_rna).properties
+                entry["kwargs"] = sorted(kwargs)
+            elif name == "operator":
+                entry["operator"] = args[0]
+                family, _, op = args[0].partition(".")
+                entry["exists"] = hasattr(getattr(bpy.ops, family), op)
+                entry["text"] = kwargs.get("text")
+            elif name in ("label", "progress"):
+                entry["text"] = kwargs.get("text")
+            self.log.append(entry)
+            if name in ("row", "column", "box", "split", "grid_flow", "column_flow"):
+                return Recorder(self.log, self.depth + 1)
+            return OperatorProps() if name == "operator" else None
+        return call
+
+    def __setattr__(self, name, value):
+        if name in ("log", "depth"):
+            object.__setattr__(self, name, value)
+        else:
+            self.log.append({"call": f"set {name}", "value": repr(value)})
+
+
+class OperatorProps:
+    def __setattr__(self, name, value):
+        pass
+
+
+def draw(panel_cls, context) -> list:
+    fake = type("FakePanel", (), {})()
+    fake.layout = Recorder()
+    panel_cls.draw(fake, context)
+    return fake.layout.log
+
+
+def scenario_panel_draw():
+    panel = mod("panel")
+    prefs_mod = mod("preferences")
+    scene = bpy.data.scenes["Edit"]
+    # (No context.temp_override here: an operator called inside one while the job's worker thread
+    # runs crashes Blender; bpy.context.scene is "Edit" already.)
+    assert bpy.context.scene == scene
+    scene.sequence_editor.active_strip = mod("compat").all_strips(scene.sequence_editor)["img"]
+    idle = draw(panel.SEQUENCER_PT_p2v, bpy.context)
+    advanced = draw(panel.SEQUENCER_PT_p2v_advanced, bpy.context)
+    job = make_job("mov", settings(steps=8))
+    job.start()
+    try:
+        while job.poll() and job.frames_done < 1:
+            time.sleep(0.02)
+        running = draw(panel.SEQUENCER_PT_p2v, bpy.context)
+    finally:
+        job.cancel()
+        job.wait(timeout=120)
+        remove_new_strip(job)
+    prefs = prefs_mod.addon_preferences()
+    fake = type("FakePrefs", (), {"bl_rna": prefs.bl_rna})()
+    for prop in prefs.bl_rna.properties:
+        if prop.identifier not in ("rna_type", "bl_idname"):
+            setattr(fake, prop.identifier, getattr(prefs, prop.identifier))
+    fake.layout = Recorder()
+    prefs_mod.P2VPreferences.draw(fake, bpy.context)
+    local = fake.layout.log
+    fake.runtime_mode = "REMOTE"
+    fake.layout = Recorder()
+    prefs_mod.P2VPreferences.draw(fake, bpy.context)
+    return {"idle": idle, "advanced": advanced, "running": running, "preferences": local,
+            "preferences_remote": fake.layout.log}
+
+
+def scenario_operator_poll():
+    """The operator's poll explains why it is unavailable; the edit runs through bpy.ops too."""
+    ops = mod("operators")
+    scene = bpy.data.scenes["Edit"]
+    editor = scene.sequence_editor
+    compat = mod("compat")
+    out = {}
+    assert bpy.context.scene == scene
+    editor.active_strip = None
+    out["no_strip"] = ops.unavailable_reason(bpy.context)
+    out["no_strip_poll"] = bpy.ops.sequencer.p2v_edit.poll()
+    editor.active_strip = compat.all_strips(editor)["txt"]
+    out["text_strip"] = ops.unavailable_reason(bpy.context)
+    editor.active_strip = compat.all_strips(editor)["img"]
+    out["img"] = ops.unavailable_reason(bpy.context)
+    out["img_poll"] = bpy.ops.sequencer.p2v_edit.poll()
+    return out
+
+
+def scenario_operator_run():
+    """``bpy.ops.sequencer.p2v_edit()`` in background mode runs the job to its end (scripts)."""
+    prefs = mod("preferences").addon_preferences()
+    scene = bpy.data.scenes["Edit"]
+    editor = scene.sequence_editor
+    compat = mod("compat")
+    values = settings()
+    props = scene.p2v
+    for name in ("prompt", "source_prompt", "steps", "size"):
+        setattr(props, name, values[name])
+    prefs.python = CONFIG["runtime_python"]
+    prefs.model, prefs.captioner, prefs.device = values["model"], values["captioner"], "cpu"
+    prefs.cache_dir = values["cache_dir"]
+    before = snapshot()
+    assert bpy.context.scene == scene
+    editor.active_strip = compat.all_strips(editor)["img"]
+    result = bpy.ops.sequencer.p2v_edit()
+    after = snapshot()
+    new = [name for name in after["strips"] if name not in before["strips"]]
+    return {"result": sorted(result), "new": new,
+            "new_length": after["strips"][new[0]]["frame_final_duration"] if new else None}
+
+
+class FakeEvent:
+    def __init__(self, type_, value="NOTHING", ctrl=False):
+        self.type, self.value, self.ctrl, self.oskey = type_, value, ctrl, False
+
+
+def scenario_modal_loop():
+    """The modal operator's loop, driven by hand (background Blender has no event loop):
+    timer events poll the job, Ctrl+Z is held back, Esc cancels, the report says what happened."""
+    ops = mod("operators")
+    op_cls = ops.SEQUENCER_OT_p2v_edit
+    scene = bpy.data.scenes["Edit"]
+    editor = scene.sequence_editor
+    compat = mod("compat")
+    editor.active_strip = compat.all_strips(editor)["mov"]
+    scene.p2v.steps = 8
+    reports = []
+    fake_cls = type("FakeOperator", (), {
+        "modal": op_cls.modal, "_status": op_cls._status, "_finished": op_cls._finished,
+        "report": lambda self, level, text: reports.append((sorted(level), text))})
+    fake = fake_cls()
+    fake._timer = None
+    fake._job = ops.build_job(bpy.context)
+    fake._job.start(threaded=True)
+    answers = {"undo": sorted(fake.modal(bpy.context, FakeEvent("Z", "PRESS", ctrl=True))),
+               "other": sorted(fake.modal(bpy.context, FakeEvent("MOUSEMOVE")))}
+    cancelled = False
+    ticks = 0
+    while True:
+        ticks += 1
+        result = fake.modal(bpy.context, FakeEvent("TIMER"))
+        if result != {"RUNNING_MODAL"}:
+            break
+        if fake._job.frames_done >= 1 and not cancelled:
+            cancelled = True
+            answers["esc"] = sorted(fake.modal(bpy.context, FakeEvent("ESC", "PRESS")))
+        time.sleep(0.02)
+    scene.p2v.steps = 2
+    strip = fake._job.output.strip()
+    length = strip.frame_final_duration if strip is not None else 0
+    remove_new_strip(fake._job)
+    return {"answers": answers, "result": sorted(result), "reports": reports, "state": fake._job.state,
+            "length": length, "ticks": ticks}
+
+
+def scenario_operator_in_override():
+    """Scripts often call operators inside context.temp_override: the edit must not crash there."""
+    scene = bpy.data.scenes["Edit"]
+    editor = scene.sequence_editor
+    compat = mod("compat")
+    editor.active_strip = compat.all_strips(editor)["mov"]
+    before = snapshot()
+    results = []
+    for _ in range(2):
+        with bpy.context.temp_override(scene=scene):
+            results.append(sorted(bpy.ops.sequencer.p2v_edit()))
+    after = snapshot()
+    new = [name for name in after["strips"] if name not in before["strips"]]
+    for name in new:
+        compat.strips(editor).remove(compat.all_strips(editor)[name])
+    return {"results": results, "new": new,
+            "lengths": [after["strips"][name]["frame_final_duration"] for name in new]}
+
+
+def scenario_register_twice():
+    import addon_utils
+
+    def leftovers():
+        names = ("SEQUENCER_OT_p2v_edit", "SEQUENCER_OT_p2v_cancel", "P2V_OT_setup_runtime", "P2V_OT_check_runtime",
+                 "P2V_OT_release_runtime", "P2V_OT_cancel_setup", "SEQUENCER_PT_p2v", "SEQUENCER_PT_p2v_advanced",
+                 "P2VSceneSettings", "P2VPreferences")
+        found = [name for name in names if hasattr(bpy.types, name)]
+        if hasattr(bpy.types.Scene, "p2v"):
+            found.append("Scene.p2v")
+        return found
+
+    rp = mod("runtime_process")
+    rp.ensure_local(runtime()).wait_ready()
+    pid_before = rp.current().pid
+    rounds = []
+    for _ in range(2):
+        addon_utils.disable(ADDON)
+        rounds.append({"after_disable": leftovers(), "runtime": rp.current() is not None,
+                       "enabled": ADDON in bpy.context.preferences.addons})
+        addon_utils.enable(ADDON, default_set=True)
+        rounds.append({"after_enable": sorted(set(("SEQUENCER_OT_p2v_edit", "SEQUENCER_PT_p2v", "Scene.p2v")) - set(leftovers()))})
+    M.clear()
+    pid_alive = True
+    try:
+        os.kill(pid_before, 0)
+    except OSError:
+        pid_alive = False
+    return {"rounds": rounds, "old_runtime_alive": pid_alive}
+
+
+def scenario_setup_fails_cleanly():
+    """Set up runtime with a package that does not exist: a clear failure, and the log says why."""
+    rp = mod("runtime_process")
+    venv = os.path.join(CONFIG["work"], "setup-venv")
+    task = rp.SetupTask(CONFIG["base_python"], venv, [os.path.join(CONFIG["work"], "missing.whl")],
+                        pip_args=["--no-index"], log_path=os.path.join(CONFIG["work"], "setup.log"))
+    task.start()
+    task.join(300)
+    return {"state": task.state, "message": task.message, "step": task.step, "venv": os.path.isdir(venv)}
+
+
+def scenario_check_runtime():
+    rp = mod("runtime_process")
+    good = rp.check_python(CONFIG["runtime_python"])
+    bad = rp.check_python(CONFIG["base_python"])
+    missing = rp.check_python("/nonexistent/python3")
+    return {"good": good, "bad": bad, "missing": missing}
+
+
+SCENARIOS = {
+    "image": edit_scenario("img"),
+    "movie": edit_scenario("mov"),
+    "scene": edit_scenario("shot"),
+    "echo_image": lambda: edit_scenario("img", runtime_config=echo_runtime())(),
+    "echo_movie": lambda: edit_scenario("mov", runtime_config=echo_runtime())(),
+    "echo_scene": lambda: edit_scenario("shot", runtime_config=echo_runtime())(),
+    "cancel": scenario_cancel,
+    "crash": scenario_crash,
+    "second_edit": scenario_second_edit,
+    "warm_reuse": scenario_warm_reuse,
+    "remote_ok": scenario_remote_ok,
+    "remote_wrong_token": scenario_remote_wrong_token,
+    "remote_refused": scenario_remote_refused,
+    "bad_no_strip": bad_input(None),
+    "bad_sound": bad_input("snd"),
+    "bad_text": bad_input("txt"),
+    "bad_color": bad_input("block"),
+    "bad_meta": bad_input("meta"),
+    "bad_movie_missing": bad_input("gone"),
+    "bad_image_holes": bad_input("holes"),
+    "bad_scene_no_camera": bad_input("nocam"),
+    "bad_too_long": bad_input("img", max_frames=3),
+    "long_confirmed_check": lambda: {"max_frames_ok": _long_confirmed()},
+    "bad_no_channel": bad_input("top"),
+    "bad_output_dir": bad_input("img", setup=no_output_dir_setup, cleanup=no_output_dir_cleanup),
+    "bad_python_missing": lambda: bad_input("img", runtime_config=runtime(python="/nonexistent/bin/python3"))(),
+    "bad_python_lacks_runtime": lambda: bad_input("img", runtime_config=runtime(python=CONFIG["base_python"]))(),
+    "bad_empty_prompt": lambda: bad_input("img", settings_values=settings(prompt="  "))(),
+    "bad_zpass_image": bad_input("img", depth="ZPASS"),
+    "bad_zpass_scene": bad_input("shot", depth="ZPASS"),
+    "bad_model_missing": lambda: bad_input(
+        "img", settings_values=settings(model=os.path.join(CONFIG["work"], "no-such-model")))(),
+    "unwritable_probe": scenario_unwritable_probe,
+    "unsaved_file": scenario_unsaved_file,
+    "release": scenario_release,
+    "panel_draw": scenario_panel_draw,
+    "operator_poll": scenario_operator_poll,
+    "operator_run": scenario_operator_run,
+    "operator_in_override": scenario_operator_in_override,
+    "modal_loop": scenario_modal_loop,
+    "check_runtime": scenario_check_runtime,
+    "setup_fails": scenario_setup_fails_cleanly,
+    "register_twice": scenario_register_twice,
+}
+
+
+def echo_runtime():
+    """The runtime's echo runner: each frame comes back unchanged (checks what was sent)."""
+    return runtime(serve_args=("--job-runner", "echo"))
+
+
+def _long_confirmed():
+    job = make_job("img", max_frames=3, confirmed=True, runtime_config=echo_runtime())
+    return run_job(job)["state"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    args = parser.parse_args(sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:])
+    with open(args.config, encoding="utf-8") as handle:
+        CONFIG.update(json.load(handle))
+    results = {"blender": bpy.app.version_string}
+    started = time.monotonic()
+    result = bpy.ops.extensions.package_install_files(filepath=CONFIG["zip"], repo="user_default",
+                                                      enable_on_install=True)
+    results["install"] = sorted(result)
+    results["enabled"] = ADDON in bpy.context.preferences.addons
+    blend = CONFIG.get("blend") or os.path.join(CONFIG["work"], "edit.blend")
+    build_blend(blend, CONFIG["media"])
+    results["strips"] = sorted(strips_state(bpy.data.scenes["Edit"]))
+    for name in CONFIG["scenarios"]:
+        began = time.monotonic()
+        try:
+            outcome = SCENARIOS[name]()
+        except Exception:
+            outcome = {"exception": traceback.format_exc()}
+        if isinstance(outcome, dict):
+            outcome["scenario_seconds"] = round(time.monotonic() - began, 2)
+        results[name] = outcome
+        print(f"scenario {name}: {time.monotonic() - began:.1f} s", flush=True)
+    mod("runtime_process").release()
+    results["total_seconds"] = round(time.monotonic() - started, 2)
+    with open(CONFIG["out"], "w", encoding="utf-8") as handle:
+        json.dump(results, handle, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
