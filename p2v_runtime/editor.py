@@ -130,11 +130,11 @@ class _ClipEditor:
                 raise InputError(f"cannot create --save-depth folder {self.save_depth_dir}: {exc.strerror}") from exc
 
     def _load(self) -> None:
+        import torch
+
         from .frames import working_size
         from .inversion import InversionCache, default_cache_dir
         from .models import dtype_name, load_depth_pipeline
-
-        import torch
 
         torch.manual_seed(self.settings.seed)
         self.report("load", 0, 1)
@@ -297,7 +297,8 @@ class _ClipEditor:
 
         settings = self.settings
         last_update = settings.last_update_step()
-        guided_update = settings.update != "off" and index > 0 and self.previous_x0 is not None
+        keep_x0 = settings.update != "off"  # the next frame's update needs this frame's predictions
+        guided_update = keep_x0 and index > 0 and self.previous_x0 is not None
         depth_pair = torch.cat([model_depth] * 2)
         x0_trajectory = []
         sample = start
@@ -321,12 +322,12 @@ class _ClipEditor:
                         gradient = x0_gradient(x0_hat, self.previous_x0[step])
                 if update_now:
                     prev_sample = apply_update(prev_sample, gradient, settings.update_delta)
-                if step <= last_update:
+                if keep_x0 and step <= last_update:
                     x0_trajectory.append(x0_hat)
                 sample = prev_sample
         self.bank.end_frame(index)
         self.stats.feature_cache_bytes = self.bank.peak_bytes
-        self.previous_x0 = x0_trajectory if settings.update != "off" else None
+        self.previous_x0 = x0_trajectory if keep_x0 else None
         self.report("edit", (index + 1) * settings.steps, self.count * settings.steps)
         return sample
 
