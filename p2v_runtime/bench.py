@@ -14,23 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-# stabilityai/stable-diffusion-2-depth unet/config.json, the architecture whose memory we report.
-SD2_DEPTH_UNET = dict(
-    sample_size=64,
-    in_channels=5,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    attention_head_dim=(5, 10, 20, 20),
-    cross_attention_dim=1024,
-    use_linear_projection=True,
-    norm_num_groups=32,
-    act_fn="silu",
-)
-
-
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="folder or video to edit (default: a synthetic clip)")
     parser.add_argument("--frames", type=int, default=6, help="frames to edit")
@@ -134,11 +117,13 @@ def full_size_feature_bytes(steps: int = 50, height: int = 512, width: int = 512
     from diffusers import UNet2DConditionModel
 
     from .attention import FeatureBank, injection_installed, self_attention_layers
+    from .tiny_models import sd2_depth_unet_config
 
-    unet = UNet2DConditionModel(**SD2_DEPTH_UNET).eval()
+    config = sd2_depth_unet_config("full")
+    unet = UNet2DConditionModel(**config).eval()
     bank = FeatureBank("anchor+previous")
     latent = torch.randn(2, 5, height // 8, width // 8)
-    text = torch.randn(2, 77, SD2_DEPTH_UNET["cross_attention_dim"])
+    text = torch.randn(2, 77, config["cross_attention_dim"])
     result = {}
     for layers in ("decoder", "all"):
         bank.__init__("anchor+previous")

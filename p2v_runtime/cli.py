@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight models for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--full-size", action="store_true",
+                      help="instead write DIR/sd2-depth-full: SD 2 depth's full-size architecture with random "
+                           "weights in fp16 (about 2.6 GB), for GPU benchmarks")
     tiny.set_defaults(handler=make_tiny_models_main)
 
     from . import bench
@@ -269,8 +272,11 @@ class ProgressBars:
 
 
 def make_tiny_models_main(args: argparse.Namespace) -> int:
-    from .tiny_models import write_tiny_models
+    from .tiny_models import write_full_size_sd2_depth, write_tiny_models
 
+    if args.full_size:
+        print(f"sd2-depth-full: {write_full_size_sd2_depth(args.dir, seed=args.seed)}")
+        return 0
     paths = write_tiny_models(args.dir, seed=args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")

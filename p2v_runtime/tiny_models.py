@@ -22,7 +22,32 @@ import shutil
 import tempfile
 import warnings
 
-__all__ = ["write_tiny_models"]
+__all__ = ["write_tiny_models", "write_full_size_sd2_depth", "sd2_depth_unet_config", "SD2_DEPTH_SIZES"]
+
+# The sizes that differ between the tiny stand-in and the real SD 2 depth architecture
+# (stabilityai/stable-diffusion-2-depth: OpenCLIP ViT-H text encoder, 865M-parameter UNet, SD VAE,
+# a ViT-base-sized DPT in place of DPT-Hybrid). Everything else is shared, so the tiny model the
+# tests exercise and the full-size one the GPU benchmarks time are built by the same code.
+SD2_DEPTH_SIZES = {
+    "tiny": dict(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        unet=dict(sample_size=8, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
+                  norm_num_groups=8),
+        vae=dict(sample_size=64, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4),
+        dpt=dict(image_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                 intermediate_size=64, neck_hidden_sizes=(8, 16, 32, 32), fusion_hidden_size=16),
+        depth_input=64,
+    ),
+    "full": dict(
+        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16),
+        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+                  norm_num_groups=32),
+        vae=dict(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+        dpt=dict(image_size=384, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, neck_hidden_sizes=(96, 192, 384, 768), fusion_hidden_size=256),
+        depth_input=384,
+    ),
+}
 
 # Small enough to be fast, but every token an English prompt needs exists: the 256 byte symbols
 # (and their end-of-word forms) cover any text; the merges only make common words shorter.
@@ -73,6 +98,34 @@ def write_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, pathl
         for offset, (name, write) in enumerate(writers.items()):
             written[name] = _write_atomically(root / name, lambda d: write(d, seed + offset))
     return written
+
+
+def sd2_depth_unet_config(size: str = "full") -> dict:
+    """UNet arguments of SD 2 depth (``full``, as its unet/config.json) or of the tiny stand-in."""
+    return dict(
+        in_channels=5,  # 4 latent channels + depth
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=SD2_DEPTH_SIZES[size]["text"]["hidden_size"],
+        use_linear_projection=True,
+        upcast_attention=False,
+        act_fn="silu",
+        **SD2_DEPTH_SIZES[size]["unet"],
+    )
+
+
+def write_full_size_sd2_depth(root: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Write ``root/sd2-depth-full``: SD 2 depth's full-size architecture, random weights, fp16.
+
+    For GPU benchmarks (seconds per frame, GPU memory) where the real weights cannot be
+    downloaded: timing and memory depend on the architecture, not on the weights. About 2.6 GB.
+    """
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with _quiet_libraries():
+        return _write_atomically(root / "sd2-depth-full", lambda d: _write_sd2_depth(d, seed, size="full"))
 
 
 def _write_atomically(target: pathlib.Path, write) -> pathlib.Path:
@@ -264,7 +317,7 @@ def _write_legacy_preprocessor_config(folder: pathlib.Path, image_processor: str
 # --- models -----------------------------------------------------------------------------------
 
 
-def _write_sd2_depth(folder: pathlib.Path, seed: int) -> None:
+def _write_sd2_depth(folder: pathlib.Path, seed: int, size: str = "tiny") -> None:
     """SD 2 depth's structure at toy width: what the edit hooks into must exist by the same names."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, DPTConfig, DPTForDepthEstimation
@@ -273,58 +326,36 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int) -> None:
     write_tokenizer = functools.partial(_write_clip_tokenizer, pad_token="!")  # SD 2 pads with "!"
     tokenizer = _load_tokenizer(CLIPTokenizer, write_tokenizer, folder)
 
+    sizes = SD2_DEPTH_SIZES[size]
     with _seeded(seed):
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(tokenizer, hidden_act="gelu")))
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_clip_text_config(tokenizer, hidden_act="gelu", **sizes["text"])))
     with _seeded(seed + 1):
         # SD 2: heads of 64 channels in every block, linear projections; here heads of 16.
-        unet = UNet2DConditionModel(
-            sample_size=8,
-            in_channels=5,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=(32, 32, 64, 64),
-            layers_per_block=2,
-            attention_head_dim=(2, 2, 4, 4),
-            cross_attention_dim=text_encoder.config.hidden_size,
-            use_linear_projection=True,
-            upcast_attention=False,
-            norm_num_groups=8,
-            act_fn="silu",
-        )
+        unet = UNet2DConditionModel(**sd2_depth_unet_config(size))
         _smooth_noise_prediction(unet)
     with _seeded(seed + 2):
         vae = AutoencoderKL(
-            sample_size=64,
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
             latent_channels=4,
-            norm_num_groups=4,
             scaling_factor=0.18215,
+            **sizes["vae"],
         )
         _calibrate_latent_scale(vae)
     with _seeded(seed + 3):
         depth_estimator = DPTForDepthEstimation(
             DPTConfig(
-                image_size=64,
                 patch_size=16,
-                hidden_size=32,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                intermediate_size=64,
-                backbone_out_indices=(0, 1, 2, 3),
-                neck_hidden_sizes=(8, 16, 32, 32),
-                fusion_hidden_size=16,
+                backbone_out_indices=(0, 1, 2, 3) if size == "tiny" else (2, 5, 8, 11),
                 readout_type="project",
+                **sizes["dpt"],
             )
         )
         _keep_depth_varied(depth_estimator)
     feature_extractor = DPTImageProcessor(
-        size={"height": 64, "width": 64},
+        size={"height": sizes["depth_input"], "width": sizes["depth_input"]},
         keep_aspect_ratio=False,
         do_resize=True,
         do_rescale=True,
@@ -352,6 +383,10 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int) -> None:
         depth_estimator=depth_estimator,
         feature_extractor=feature_extractor,
     )
+    if size == "full":
+        import torch
+
+        pipe.to(torch.float16)  # as the real checkpoint's fp16 variant: half the disk
     pipe.save_pretrained(folder, safe_serialization=True)
     _replace_tokenizer_files(folder / "tokenizer", write_tokenizer)
     # Without torchvision the processor is the PIL variant; record the name that exists either way.
