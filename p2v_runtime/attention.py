@@ -133,17 +133,12 @@ def injection_installed(unet, layers: list[str], bank: FeatureBank) -> Iterator[
     """Install the injecting processors on ``layers`` and restore the UNet's own ones afterwards.
 
     The UNet is shared through the warm model cache, so it must leave this block as it came in,
-    also on error and cancel.
+    also on error and cancel. Layers that do not inject keep the UNet's own processors.
     """
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     original = dict(unet.attn_processors)
     chosen = set(layers)
     unet.set_attn_processor(
-        {
-            name: InjectingSelfAttention(name, bank) if name in chosen else AttnProcessor2_0()
-            for name in original
-        }
+        {name: InjectingSelfAttention(name, bank) if name in chosen else processor for name, processor in original.items()}
     )
     try:
         yield

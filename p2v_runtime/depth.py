@@ -36,9 +36,9 @@ def estimate_inverse_depth(pipeline, rgb: np.ndarray, latent_hw: tuple[int, int]
     pipe = pipeline.pipe
     pixel_values = pipe.feature_extractor(images=[Image.fromarray(rgb)], return_tensors="pt").pixel_values
     pixel_values = pixel_values.to(device=pipeline.device, dtype=pipeline.dtype)
-    autocast = (
-        torch.autocast("cuda", dtype=pipeline.dtype) if pipeline.device == "cuda" else contextlib.nullcontext()
-    )
+    # DPT-Hybrid's batch norms want autocast in fp16 (as the pipeline does); fp32 needs nothing.
+    half_on_cuda = pipeline.device == "cuda" and pipeline.dtype == torch.float16
+    autocast = torch.autocast("cuda", dtype=torch.float16) if half_on_cuda else contextlib.nullcontext()
     with torch.no_grad(), autocast:
         predicted = pipe.depth_estimator(pixel_values).predicted_depth
     resized = torch.nn.functional.interpolate(

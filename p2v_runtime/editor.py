@@ -158,14 +158,16 @@ class _ClipEditor:
 
     def _edit_frames(self) -> Iterator[tuple[int, np.ndarray]]:
         from .attention import FeatureBank, self_attention_layers
+        from .inversion import ddim_schedulers
 
         clip_range = self._clip_depth_range() if self.settings.depth_norm == "clip" else None
+        self._check_cancel()  # loading and depth can take long; the caption cannot be interrupted
         first = self._work_frame(0)
         source_prompt = self._source_prompt(first)
         self.stats.source_prompt = source_prompt
         self.source_embedding = self._embed(source_prompt, guided=False)
         self.edit_embedding = self._embed(self.settings.prompt, guided=True)
-        self.scheduler = self._sampling_scheduler()
+        self.scheduler, self.inverse_scheduler = ddim_schedulers(self.pipeline, self.settings.steps)
         self.bank = FeatureBank(self.settings.injection)
         self.layers = self_attention_layers(self.pipeline.unet, self.settings.layers)
         self.previous_x0: list | None = None
@@ -243,13 +245,6 @@ class _ClipEditor:
             )
         return torch.cat([negative, positive]) if guided else positive
 
-    def _sampling_scheduler(self):
-        from diffusers import DDIMScheduler
-
-        scheduler = DDIMScheduler.from_config(self.pipeline.pipe.scheduler.config)
-        scheduler.set_timesteps(self.settings.steps, device=self.pipeline.device)
-        return scheduler
-
     # -- inversion ----------------------------------------------------------------------------
 
     def _inverted(self, index: int, rgb: np.ndarray, model_depth):
@@ -273,7 +268,7 @@ class _ClipEditor:
         if cached is not None and cached.shape == expected:
             self.stats.inversion_cache_hits += 1
             self.report("inversion", (index + 1) * steps, self.count * steps)
-            return torch.from_numpy(cached).to(self.pipeline.device, self.pipeline.dtype)
+            return torch.from_numpy(cached).to(self.pipeline.device)
 
         def before_step(step: int) -> None:
             self._check_cancel()
@@ -281,9 +276,10 @@ class _ClipEditor:
 
         with self._counting("unet_calls_inversion"):
             latent = encode_latent(self.pipeline, rgb)
-            start = invert(self.pipeline, latent, model_depth, self.source_embedding, steps, before_step)
+            start = invert(self.pipeline, latent, model_depth, self.source_embedding, self.inverse_scheduler,
+                           before_step)
         self.report("inversion", (index + 1) * steps, self.count * steps)
-        self.cache.store(key, start.float().cpu().numpy())
+        self.cache.store(key, start.cpu().numpy())
         return start
 
     # -- the edit -----------------------------------------------------------------------------
@@ -335,9 +331,9 @@ class _ClipEditor:
         """One DDIM (eta 0) step with classifier-free guidance batched into one UNet call."""
         import torch
 
-        model_input = torch.cat([torch.cat([sample] * 2), depth_pair], dim=1)
+        model_input = torch.cat([torch.cat([sample] * 2).to(self.pipeline.dtype), depth_pair], dim=1)
         noise = self.pipeline.unet(model_input, timestep, encoder_hidden_states=self.edit_embedding).sample
-        unconditional, conditional = noise.chunk(2)
+        unconditional, conditional = noise.float().chunk(2)
         guided = unconditional + self.settings.guidance * (conditional - unconditional)
         out = self.scheduler.step(guided, timestep, sample, eta=0.0)
         return out.prev_sample, out.pred_original_sample
@@ -349,7 +345,7 @@ class _ClipEditor:
 
         pipe = self.pipeline.pipe
         with torch.no_grad():
-            image = pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample
+            image = pipe.vae.decode((latent / pipe.vae.config.scaling_factor).to(self.pipeline.dtype)).sample
         array = pipe.image_processor.postprocess(image, output_type="np")[0]
         rgb = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return resize_rgb(rgb, tuple(self.frames.size))

@@ -30,9 +30,13 @@ def apply_update(sample, gradient, delta: float):
 
 
 def autograd_gradient(sample_in, x0_hat, x0_previous):
-    """Gradient of the mean squared distance with respect to x_t (``sample_in`` requires grad)."""
+    """Gradient of the mean squared distance with respect to x_t (``sample_in`` requires grad).
+
+    The backward pass runs through an fp16 UNet on CUDA, where the mean's tiny per-element
+    gradients (about 1e-5) would fall into subnormals: differentiate the *sum* and divide in fp32.
+    """
     import torch
 
-    distance = torch.nn.functional.mse_loss(x0_hat.float(), x0_previous.float(), reduction="mean")
-    (gradient,) = torch.autograd.grad(distance, sample_in)
-    return gradient
+    squared_sum = (x0_hat.float() - x0_previous.float()).pow(2).sum()
+    (gradient,) = torch.autograd.grad(squared_sum, sample_in)
+    return gradient.float() / x0_hat.numel()

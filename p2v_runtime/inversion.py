@@ -87,27 +87,47 @@ def encode_latent(pipeline, rgb: np.ndarray):
         posterior = pipe.vae.encode(image).latent_dist
     # The VAE may hand back a channels-last tensor; a cached latent comes back contiguous, and
     # the UNet's kernels differ in the last bits between layouts: keep one layout everywhere.
-    return (posterior.mean * pipe.vae.config.scaling_factor).contiguous()
+    # Latent trajectories are kept in fp32 (the UNet alone runs in the model's dtype), so small
+    # DDIM and guided-update steps are not rounded away in fp16.
+    return (posterior.mean.float() * pipe.vae.config.scaling_factor).contiguous()
 
 
-def invert(pipeline, latent, depth, source_embedding, steps: int, before_step: Callable[[int], None] | None = None):
+def ddim_schedulers(pipeline, steps: int):
+    """The sampling (DDIM, eta 0) and inversion schedulers of one clip, from the model's config.
+
+    Built from the checkpoint's own noise schedule (SD 2 depth ships a PNDM config) with only the
+    keys each class knows, and never clipping: latents are not bounded to [-1, 1].
+    """
+    import inspect
+
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    config = dict(pipeline.pipe.scheduler.config)
+    built = []
+    for kind in (DDIMScheduler, DDIMInverseScheduler):
+        known = inspect.signature(kind.__init__).parameters
+        scheduler = kind(**{**{k: v for k, v in config.items() if k in known}, "clip_sample": False})
+        scheduler.set_timesteps(steps, device=pipeline.device)
+        built.append(scheduler)
+    return tuple(built)
+
+
+def invert(pipeline, latent, depth, source_embedding, scheduler, before_step: Callable[[int], None] | None = None):
     """Run the DDIM schedule backwards from the clean latent to x_T.
 
     One conditional UNet call per step (guidance 1): the official code's extra unconditional call
-    contributes nothing at guidance 1. ``depth`` is the (1, 1, h, w) model depth, ``before_step``
-    is called with each step index (progress, cancel).
+    contributes nothing at guidance 1. ``depth`` is the (1, 1, h, w) model depth, ``scheduler``
+    a ``DDIMInverseScheduler`` set to the edit's steps, ``before_step`` is called with each step
+    index (progress, cancel).
     """
     import torch
-    from diffusers import DDIMInverseScheduler
 
-    scheduler = DDIMInverseScheduler.from_config(pipeline.pipe.scheduler.config)
-    scheduler.set_timesteps(steps, device=pipeline.device)
-    sample = latent
+    sample = latent.float()
     with torch.no_grad():
         for index, timestep in enumerate(scheduler.timesteps):
             if before_step:
                 before_step(index)
-            model_input = torch.cat([sample, depth], dim=1)
+            model_input = torch.cat([sample.to(pipeline.dtype), depth], dim=1)
             noise = pipeline.unet(model_input, timestep, encoder_hidden_states=source_embedding).sample
-            sample = scheduler.step(noise, timestep, sample).prev_sample
+            sample = scheduler.step(noise.float(), timestep, sample).prev_sample
     return sample.contiguous()

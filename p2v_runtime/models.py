@@ -185,18 +185,26 @@ def _load_failure(what: str, name: str, exc: Exception, option: str, alternative
 
 
 def _weights_fingerprint(pipe) -> str:
-    """A content hash of a few weight tensors, so inversion caches never outlive the weights.
+    """A content hash of the weights and noise schedule, so inversion caches never outlive them.
 
-    Hashing every weight would cost seconds per load; the first and last convolutions of the UNet
-    and the VAE encoder change whenever the checkpoint does.
+    Every tensor of the UNet, VAE and text encoder contributes its sum and its sum of squares
+    (computed where the weights live: milliseconds on a GPU), so a fine-tune or a fused LoRA
+    anywhere changes the key; the first and last convolutions go in byte for byte.
     """
+    import json
+
+    import torch
+
     digest = hashlib.sha256()
-    for tensor in (
-        pipe.unet.conv_in.weight,
-        pipe.unet.conv_out.weight,
-        pipe.vae.encoder.conv_in.weight,
-        pipe.vae.quant_conv.weight if pipe.vae.quant_conv is not None else pipe.vae.encoder.conv_out.weight,
-    ):
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    digest.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            # float32: MPS has no float64; the device is part of the cache key anyway.
+            flat = [p.float().reshape(-1) for p in module.parameters()]  # no copy when already fp32
+            sums = torch.stack([torch.stack([q.sum(), torch.dot(q, q)]) for q in flat])
+            del flat
+            digest.update(sums.cpu().numpy().tobytes())
+        for tensor in (pipe.unet.conv_in.weight, pipe.unet.conv_out.weight, pipe.vae.encoder.conv_in.weight):
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
     digest.update(str(pipe.unet.dtype).encode())
     return digest.hexdigest()[:32]

@@ -59,7 +59,9 @@ class EditSettings:
             raise SettingsError("the edit prompt is empty: give --prompt \"what the clip should become\"")
         if self.source_prompt is not None and not self.source_prompt.strip():
             self.source_prompt = None
-        _check_int("steps", self.steps, 1, 1000)
+        # SD's schedule has 1000 timesteps and DDIM leaves `steps_offset` free at the top: beyond
+        # 500 steps the schedule no longer starts near pure noise.
+        _check_int("steps", self.steps, 1, 500)
         _check_int("size", self.size, 64, 4096)
         if self.size % 64:
             raise SettingsError(f"--size must be a multiple of 64, got {self.size}")

@@ -235,3 +235,25 @@ def test_out_of_gpu_memory_names_the_setting_to_lower(clip, edit_args, tmp_path,
     assert code != 0
     assert "out of GPU memory" in err and "--size" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("norm", ["clip", "frame"])
+def test_depth_normalisation_over_the_clip_or_per_frame(norm, clip, edit_args, tmp_path, capsys):
+    # Frame 0 sees only near surfaces (2..4), frame 2 only far ones (6..8): per-frame
+    # normalisation stretches each to the full range, clip normalisation keeps them apart.
+    maps = []
+    for near in (2.0, 4.0, 6.0):
+        z = np.full((64, 64), near + 2.0, np.float32)
+        z[:, :32] = near
+        maps.append(z)
+    depth = write_depth(tmp_path / "z", maps)
+    used = tmp_path / "used"
+    code, err = run_cli(edit_args(clip, tmp_path / "out", "--depth", depth, "--depth-norm", norm,
+                                  "--save-depth", used), capsys)
+    assert code == 0, err
+    saved = [np.asarray(Image.open(used / f"{i:06d}.png"), dtype=np.float64) for i in range(3)]
+    if norm == "frame":
+        assert all(s.min() < 1000 and s.max() > 64535 for s in saved)
+    else:
+        assert saved[0].min() > 20000 and saved[2].max() < 45000  # near frame bright, far frame dark
+        assert saved[0].max() > 64535 and saved[2].min() < 1000  # the clip's nearest and farthest

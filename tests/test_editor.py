@@ -290,3 +290,28 @@ def test_caption_is_the_source_prompt_when_none_is_given(tiny_settings):
     from p2v_runtime.frames import resize_rgb
 
     assert stats.source_prompt == caption_frame(captioner, resize_rgb(synthetic_frames(1)[0], (64, 64)))
+
+
+def test_update_applies_on_step_indices_0_to_k_scaled_from_50(tiny_settings):
+    frames = synthetic_frames(2)
+    common = dict(injection="none", steps=10, update="x0", update_delta=10.0)
+    # 10 steps: --update-steps 25 and 26 both end at index round(5.0) = round(5.2) = 5; 30 ends at 6.
+    at_25, _ = run_edit(frames, tiny_settings(update_steps=25, **common))
+    at_26, _ = run_edit(frames, tiny_settings(update_steps=26, **common))
+    at_30, _ = run_edit(frames, tiny_settings(update_steps=30, **common))
+    assert np.array_equal(at_25[1], at_26[1])
+    assert not np.array_equal(at_25[1], at_30[1])
+
+
+def test_guidance_scale_changes_the_edit(tiny_settings):
+    frames = synthetic_frames(1)
+    low, _ = run_edit(frames, tiny_settings(guidance=1.0))
+    high, _ = run_edit(frames, tiny_settings(guidance=7.5))
+    assert not np.array_equal(low[0], high[0])
+
+
+def test_steps_beyond_the_schedule_are_refused():
+    from p2v_runtime.settings import EditSettings, SettingsError
+
+    with pytest.raises(SettingsError, match="--steps"):
+        EditSettings(prompt="x", steps=501).validate()
