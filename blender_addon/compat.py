@@ -7,8 +7,15 @@ The rest of the add-on calls these functions instead of touching the renamed par
 * ``new_effect`` takes ``frame_end`` before 5.0 and ``length`` from 5.0 on.
 * 5.0+: the Sequencer shows the workspace's *sequencer scene* (``context.sequencer_scene``),
   which need not be the window's scene.
-* 5.0+: the compositor's node tree is ``scene.compositing_node_group``; before, ``scene.node_tree``
-  (used by the Z pass of scene strips, see ``strip_frames``).
+* 5.0+: the compositor's node tree is ``scene.compositing_node_group``, a node group of its own
+  (``bpy.data.node_groups.new(name, 'CompositorNodeTree')``); before, ``scene.use_nodes`` makes the
+  scene's embedded ``scene.node_tree``. 5.0 has no Composite node: the tree's Group Output is the
+  render result. The File Output node names its inputs ``file_output_items`` with ``directory`` and
+  ``file_name`` from 5.0 on; ``file_slots`` and ``base_path`` before. (Used by the Z pass of scene
+  strips, see ``strip_frames``.)
+* 5.0+: ``ImageFormatSettings.media_type`` (image, multilayer EXR, video) must be set before a
+  ``file_format`` of that kind can be chosen.
+* 4.2's Eevee is ``BLENDER_EEVEE_NEXT``; 5.x's is ``BLENDER_EEVEE`` again.
 * 4.2+ extensions keep user data in ``bpy.utils.extension_path_user``; a legacy add-on (or the
   add-on run from a checkout) uses a folder under Blender's user data files.
 """
@@ -96,6 +103,77 @@ def compositor_tree(scene):
     if hasattr(scene, "compositing_node_group"):
         return scene.compositing_node_group
     return getattr(scene, "node_tree", None)
+
+
+def new_compositor_tree(scene, name: str):
+    """Give ``scene`` (a temporary copy: never a user's scene) a fresh, empty compositing tree.
+
+    Returns ``(tree, group)``: on 5.x ``group`` is the new node group, which the caller removes
+    with the scene (the copy shared the user's group; that one is left alone); on 4.x the tree is
+    the copy's own embedded one and ``group`` is None.
+    """
+    if hasattr(scene, "compositing_node_group"):
+        group = bpy.data.node_groups.new(name, "CompositorNodeTree")
+        scene.compositing_node_group = group
+        return group, group
+    scene.use_nodes = True
+    tree = scene.node_tree
+    for node in list(tree.nodes):
+        tree.nodes.remove(node)
+    return tree, None
+
+
+def composite_input(tree):
+    """The socket whose image becomes the render result: a Composite node (4.x), the group's output (5.x)."""
+    if hasattr(bpy.types, "CompositorNodeComposite"):
+        return tree.nodes.new("CompositorNodeComposite").inputs["Image"]
+    tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
+    return tree.nodes.new("NodeGroupOutput").inputs[0]
+
+
+def depth_output(render_layers):
+    """The Z-pass output of a Render Layers node (``Depth``; ``Z`` in old files), or None."""
+    for name in ("Depth", "Z"):
+        socket = render_layers.outputs.get(name)
+        if socket is not None:
+            return socket
+    return None
+
+
+def float_file_output(tree, folder: str, name: str):
+    """A File Output node that writes its one input, per render, as a 32-bit float EXR into ``folder``.
+
+    32-bit, not half: a Z pass holds 1e10 for the background, which half floats turn into inf.
+    The file is ``folder/<name>_<frame>.exr`` (4.x) or ``folder/<name>_<name>.exr`` (5.x); the
+    caller gives each render an empty folder and takes the one EXR it finds. Returns the input.
+    """
+    node = tree.nodes.new("CompositorNodeOutputFile")
+    set_image_format(node.format, "OPEN_EXR", "32", "RGB")
+    node.format.exr_codec = "ZIP"  # lossless
+    if hasattr(node, "file_output_items"):  # 5.x
+        node.directory = folder + os.sep
+        node.file_name = name + "_"
+        node.file_output_items.clear()
+        node.file_output_items.new("FLOAT", name)
+        if hasattr(node, "save_as_render"):
+            node.save_as_render = False  # data, not a picture: no view transform
+        return node.inputs[name]
+    node.base_path = folder + os.sep
+    node.file_slots.clear()
+    node.file_slots.new(name + "_")
+    return node.inputs[0]
+
+
+def set_image_format(settings, file_format: str, color_depth: str, color_mode: str) -> None:
+    """Set an ``ImageFormatSettings`` (5.x: its ``media_type`` first, else the format is refused)."""
+    if hasattr(settings, "media_type"):
+        settings.media_type = "MULTI_LAYER_IMAGE" if file_format == "OPEN_EXR_MULTILAYER" else "IMAGE"
+    settings.file_format = file_format
+    settings.color_mode = color_mode
+    settings.color_depth = color_depth
+
+
+EEVEE_ENGINES = ("BLENDER_EEVEE", "BLENDER_EEVEE_NEXT")  # 5.x / 4.2 .. 4.x
 
 
 def render_size(scene) -> tuple[int, int]:

@@ -54,12 +54,14 @@ class EditJob:
     """Edit ``strip`` of ``scene`` with ``settings`` (a dict of EditSettings fields)."""
 
     def __init__(self, scene, strip, settings: dict, runtime: runtime_process.RuntimeConfig, *,
-                 depth: str = "ESTIMATE", output_dir: str = "", max_frames: int = 0, confirmed: bool = False):
+                 depth: str = "ESTIMATE", zpass_render: str = "PREVIEW", output_dir: str = "", max_frames: int = 0,
+                 confirmed: bool = False):
         self.scene = scene
         self.strip = strip
         self.settings = dict(settings)
         self.runtime = runtime
         self.depth = depth
+        self.zpass_render = zpass_render
         self.output_dir = output_dir
         self.max_frames = max_frames
         self.confirmed = confirmed
@@ -154,7 +156,7 @@ class EditJob:
             raise P2VAddonError(f"Size must be a multiple of 64, got {size}")
         if not self.settings.get("source_prompt"):
             self.settings["source_prompt"] = None
-        frames = strip_frames.StripFrames(self.scene, self.strip, self.depth)
+        frames = strip_frames.StripFrames(self.scene, self.strip, self.depth, self.zpass_render)
         self.total = frames.count
         if self.max_frames and frames.count > self.max_frames and not self.confirmed:
             raise StripTooLong(f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
@@ -178,7 +180,9 @@ class EditJob:
         except Exception as exc:  # a frame could not be rendered: stop the worker and the runtime's job
             self._abort.set()
             self._cancel.set()
-            self._events.put(("error", f"Frame {self._rendered} of strip '{self.strip_name}' could not be read: {exc}"))
+            message = str(exc) if isinstance(exc, P2VAddonError) else \
+                f"Frame {self._rendered} of strip '{self.strip_name}' could not be read: {exc}"
+            self._events.put(("error", message))
         while True:
             try:
                 event = self._events.get_nowait()

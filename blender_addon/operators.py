@@ -36,7 +36,7 @@ def build_job(context, *, confirmed: bool = False) -> job_module.EditJob:
     settings = settings_map.job_settings(properties.scene_values(scene.p2v), preferences.preference_values(prefs))
     return job_module.EditJob(
         scene, compat.active_strip(scene), settings, preferences.runtime_config(prefs),
-        depth=scene.p2v.depth, output_dir=bpy.path.abspath(prefs.output_dir) if prefs and prefs.output_dir else "",
+        depth=scene.p2v.depth, zpass_render=scene.p2v.zpass_render, output_dir=bpy.path.abspath(prefs.output_dir) if prefs and prefs.output_dir else "",
         max_frames=prefs.max_frames if prefs is not None else 0, confirmed=confirmed)
 
 
@@ -53,6 +53,9 @@ def unavailable_reason(context) -> str | None:
     kind = compat.strip_kind(strip)
     if kind not in ("image", "movie", "scene"):
         return f"'{strip.name}' is {compat.a_kind(kind)} strip; Pix2Video edits image, movie and scene strips"
+    props = getattr(scene, "p2v", None)
+    if props is not None and props.depth == "ZPASS" and kind != "scene":
+        return f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip"
     return None
 
 

@@ -39,6 +39,8 @@ class SEQUENCER_PT_p2v(bpy.types.Panel):
         col.prop(props, "update")
         col.prop(props, "size")
         col.prop(props, "depth")
+        if props.depth == "ZPASS":
+            col.prop(props, "zpass_render")
 
         running = job_module.current_job()
         if running is None:

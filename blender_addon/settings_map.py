@@ -39,6 +39,7 @@ SCENE_FIELDS = ("prompt", "source_prompt", "steps", "guidance", "seed", "injecti
                 "update_delta", "update_steps", "size", "depth_norm")
 PREFERENCE_FIELDS = ("model", "captioner", "device", "dtype", "cache_dir")
 DEPTH_CHOICES = ("ESTIMATE", "ZPASS")
+ZPASS_RENDER_CHOICES = ("PREVIEW", "SCENE")  # how a scene strip is rendered for its Z pass
 
 
 def job_settings(scene_values: dict, preference_values: dict, overrides: dict | None = None) -> dict:

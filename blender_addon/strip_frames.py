@@ -11,8 +11,17 @@ Colour: the copy renders with the *Standard* view transform, so the 8-bit frames
 Sequencer's sRGB pixels, and the edited frames, written back as sRGB PNGs, look like the source
 under whatever view transform the user's scene uses.
 
-Depth: ``read_depth`` is the hook for a rendered Z pass of scene strips (``depth="ZPASS"``); it is
-not available yet, so :func:`check_strip` refuses that mode with a clear message.
+Depth ``"ZPASS"`` (scene strips only): the copy's strip shows a temporary copy of the strip's scene
+instead, rendered at the Sequencer's size with the Z pass on; its compositor sends the view
+layer's Image on to the Sequencer and writes the Depth to a 32-bit float EXR (File Output node)
+during the same render. So RGB and Z come from one render of the frame the strip shows (the
+Sequencer still maps timeline frames to scene frames: offsets, reversal, strobe, retiming), and
+line up pixel for pixel when the strip shows its scene filling the frame, which
+:func:`zpass_framing_problem` checks (flips are applied to the Z). Everything the Z pass needs
+(engine samples, passes, view layers, compositor nodes, output, resolution) is set on the copies:
+the user's scenes are only read, and the copies go in :meth:`StripFrames.close`, also after an
+error or a cancel. Rendering through the Sequencer also keeps the scene's animated values as they
+were: a direct render of a scene writes the rendered frame's animated values into its objects.
 """
 
 from __future__ import annotations
@@ -25,13 +34,19 @@ import bpy
 
 from . import compat
 from .errors import P2VAddonError
+from .settings_map import ZPASS_RENDER_CHOICES as ZPASS_RENDERS  # quick preview / as the scene is set
 
 DEPTH_MODES = ("ESTIMATE", "ZPASS")
+PREVIEW_SAMPLES = {"CYCLES": 8, "EEVEE": 4}  # quick preview: at most this many samples
 RENDER_RESULT = "Render Result"
-ZPASS_AVAILABLE = False  # a rendered Z pass for scene strips is the next step (see read_depth)
+# Blender writes 1e10 for Z-pass pixels that see no surface (Cycles, Workbench): sent for every
+# background pixel. _BACKGROUND_FROM mirrors p2v_runtime.depth.BACKGROUND_Z: this far, or +inf,
+# is background there too.
+BACKGROUND_Z = 1e10
+_BACKGROUND_FROM = 1e9
 
 
-def check_strip(scene, strip, depth: str = "ESTIMATE") -> None:
+def check_strip(scene, strip, depth: str = "ESTIMATE", zpass_render: str = "PREVIEW") -> None:
     """Raise :class:`P2VAddonError` unless ``strip`` can be edited; nothing is changed either way."""
     if strip is None:
         raise P2VAddonError("No active strip: click the image, movie or scene strip to edit in the Sequencer")
@@ -53,6 +68,9 @@ def check_strip(scene, strip, depth: str = "ESTIMATE") -> None:
         shown = strip.scene
         if shown is None:
             raise P2VAddonError(f"Scene strip '{strip.name}' has no scene")
+        if shown == scene:
+            raise P2VAddonError(f"Scene strip '{strip.name}' shows '{scene.name}', the Sequencer's own scene: Blender "
+                                f"cannot render a scene inside itself; show another scene in the strip")
         if getattr(strip, "scene_input", "CAMERA") == "CAMERA" and (strip.scene_camera or shown.camera) is None:
             raise P2VAddonError(f"Scene '{shown.name}' of strip '{strip.name}' has no camera to render from")
     if depth not in DEPTH_MODES:
@@ -60,8 +78,89 @@ def check_strip(scene, strip, depth: str = "ESTIMATE") -> None:
     if depth == "ZPASS":
         if kind != "scene":
             raise P2VAddonError(f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip: use Depth 'Estimate'")
-        if not ZPASS_AVAILABLE:
-            raise P2VAddonError("Depth 'Z pass' is not available in this version of the add-on; use Depth 'Estimate'")
+        check_zpass_strip(scene, strip, zpass_render)
+
+
+def check_zpass_strip(scene, strip, zpass_render: str) -> None:
+    """Raise unless the Z pass of scene strip ``strip`` can be rendered frame for frame as it shows."""
+    shown = strip.scene
+    if getattr(strip, "scene_input", "CAMERA") != "CAMERA":
+        raise P2VAddonError(f"Depth 'Z pass' renders the scene of strip '{strip.name}' through its camera, but the "
+                            f"strip shows the Sequencer of '{shown.name}': set the strip's Input to Camera, or use Depth 'Estimate'")
+    framing = zpass_framing_problem(scene, strip)
+    if framing is not None:
+        raise P2VAddonError(framing)
+    if zpass_view_layer(shown) is None:
+        raise P2VAddonError(f"Scene '{shown.name}' of strip '{strip.name}' has no view layer that renders "
+                            f"(every 'Use for Rendering' is off)")
+    if zpass_render not in ZPASS_RENDERS:
+        raise P2VAddonError(f"Unknown Z-pass render setting {zpass_render!r}; use one of {', '.join(ZPASS_RENDERS)}")
+
+
+def zpass_framing_problem(scene, strip) -> str | None:
+    """Why the strip does not show its scene's camera view exactly filling the frame, or None.
+
+    The Z pass is rendered at the Sequencer's size to fill the frame, so RGB and depth line up with
+    each other and with the strip: that is what the strip shows when the scene's resolution times
+    the strip's scale is the Sequencer's resolution, with no offset, rotation or crop (the Sequencer
+    flips the RGB, and the Z is flipped to match). Other placements would need the Sequencer's
+    transform applied to the Z as well, so they are refused.
+    """
+    shown = strip.scene
+    transform = strip.transform
+    seq_w, seq_h = scene.render.resolution_x, scene.render.resolution_y
+    img_w, img_h = shown.render.resolution_x, shown.render.resolution_y
+    scale_x, scale_y = transform.scale_x, transform.scale_y
+    fills = (abs(img_w * scale_x - seq_w) <= max(1.0, 0.005 * seq_w)
+             and abs(img_h * scale_y - seq_h) <= max(1.0, 0.005 * seq_h))
+    scaled = abs(scale_x - 1.0) > 1e-6 or abs(scale_y - 1.0) > 1e-6
+    origin = tuple(getattr(transform, "origin", (0.5, 0.5)))
+    moved = (abs(transform.offset_x) > 0.5 or abs(transform.offset_y) > 0.5 or abs(transform.rotation) > 1e-6
+             or (scaled and max(abs(origin[0] - 0.5), abs(origin[1] - 0.5)) > 1e-6))
+    crop = strip.crop
+    cropped = any(getattr(crop, side) for side in ("min_x", "max_x", "min_y", "max_y"))
+    if fills and not moved and not cropped:
+        return None
+    how = [f"{img_w}x{img_h} scaled {scale_x:g}x{scale_y:g}"]
+    if moved:
+        how.append("moved or rotated")
+    if cropped:
+        how.append("cropped")
+    return (f"Depth 'Z pass' renders scene '{shown.name}' to fill the frame, but strip '{strip.name}' shows it "
+            f"{', '.join(how)} in the {seq_w}x{seq_h} Sequencer: give the scene the Sequencer's resolution (or scale "
+            f"the strip to fit), clear its offset, rotation and crop, or use Depth 'Estimate'")
+
+
+def zpass_view_layer(scene):
+    """The view layer whose Z pass is used: the first one that renders (as the Sequencer shows it)."""
+    for layer in scene.view_layers:
+        if layer.use:
+            return layer
+    return None
+
+
+def zpass_problem(z, clip_end: float) -> tuple:
+    """``(z with Blender's background value where no surface is seen, why it is unusable or None)``.
+
+    Pixels at or beyond the camera's clip end see nothing (Eevee writes the clip distance there,
+    Cycles and Workbench 1e10): they become 1e10, so every engine sends the same background.
+    NaN, zero, negative or -inf distances, and a Z pass with no surface at all, are unusable.
+    """
+    import numpy as np
+
+    nan = np.isnan(z)
+    if nan.any():
+        return z, f"{int(nan.sum())} of {z.size} pixels of its Z pass are NaN"
+    if np.isneginf(z).any() or (z <= 0).any():
+        return z, "its Z pass has zero, negative or -inf distances"
+    background = ~np.isfinite(z) | (z >= _BACKGROUND_FROM)
+    if clip_end > 0:
+        background |= z >= clip_end * 0.9999
+    if background.all():
+        return z, "nothing is in front of the camera (its Z pass is all background), so it gives no depth"
+    z = z.copy()
+    z[background] = BACKGROUND_Z
+    return z, None
 
 
 def missing_image_files(scene, strip) -> list[str]:
@@ -91,8 +190,8 @@ def strip_ancestors(strip) -> list:
 class StripFrames:
     """Frame ``i`` of the strip as raw RGB bytes (top row first); bpy, so main thread only."""
 
-    def __init__(self, scene, strip, depth: str = "ESTIMATE"):
-        check_strip(scene, strip, depth)
+    def __init__(self, scene, strip, depth: str = "ESTIMATE", zpass_render: str = "PREVIEW"):
+        check_strip(scene, strip, depth, zpass_render)
         self.scene = scene
         self.strip_name = strip.name
         self.kind = compat.strip_kind(strip)
@@ -106,6 +205,8 @@ class StripFrames:
         self._copy = None
         self._folder = None
         self._had_render_result = True
+        self._zpass = ZPassScene(scene, strip, zpass_render) if depth == "ZPASS" else None
+        self._depth = None  # (index, float32 Z bytes) of the frame read last, with depth
 
     def __len__(self) -> int:
         return self.count
@@ -115,7 +216,7 @@ class StripFrames:
         return self.depth == "ZPASS"
 
     def open(self) -> None:
-        """Make the temporary scene that renders this strip alone."""
+        """Make the temporary scene that renders this strip alone (with depth: showing its scene's copy)."""
         if self._copy is not None:
             return
         self._folder = tempfile.mkdtemp(prefix="p2v-frames-")
@@ -131,65 +232,220 @@ class StripFrames:
         render.use_stamp = False
         render.use_border = False
         render.use_multiview = False
-        render.image_settings.file_format = "PNG"
-        render.image_settings.color_mode = "RGB"
-        render.image_settings.color_depth = "8"
-        render.image_settings.compression = 0
-        view = copy.view_settings
-        view.view_transform = "Standard"
-        view.look = "None"
-        view.exposure = 0.0
-        view.gamma = 1.0
-        view.use_curve_mapping = False
+        set_png_output(copy)
+        if self._zpass is not None:
+            try:
+                self._zpass.open(copy, os.path.join(self._folder, "z"))
+            except BaseException:
+                self.close()
+                raise
 
     def read(self, index: int) -> bytes:
         """Render frame ``index`` of the strip (0 = its first visible frame)."""
-        import numpy as np  # bundled with every Blender
-
         if not 0 <= index < self.count:
             raise IndexError(f"frame {index} is outside 0..{self.count - 1}")
         self.open()
         copy = self._copy
         path = os.path.join(self._folder, f"{index:06d}.png")
+        what = f"frame {self.first_frame + index} of strip '{self.strip_name}'"
+        if self._zpass is not None:
+            self._depth = None
+            self._zpass.before_render()
         copy.frame_set(self.first_frame + index)
         compat.render_still(copy, path)
-        if not os.path.isfile(path):
-            raise P2VAddonError(f"Blender rendered no image for frame {self.first_frame + index} of strip '{self.strip_name}'")
-        image = bpy.data.images.load(path, check_existing=False)
-        try:
-            width, height = image.size
-            channels = image.channels
-            if (width, height) != (self.width, self.height):
-                raise P2VAddonError(f"Frame {self.first_frame + index} rendered at {width}x{height}, expected {self.width}x{self.height}")
-            pixels = np.empty(width * height * channels, dtype=np.float32)
-            image.pixels.foreach_get(pixels)
-        finally:
-            bpy.data.images.remove(image)
-            os.unlink(path)
-        rgb = pixels.reshape(height, width, channels)[::-1, :, :3]
-        return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).tobytes()
+        rgb = load_rgb(path, (self.width, self.height), what)
+        if self._zpass is not None:
+            self._depth = (index, self._zpass.after_render((self.width, self.height), what))
+        return rgb
 
     def read_depth(self, index: int):
         """Float32 Z-pass distances of frame ``index`` (top row first), or None without a Z pass.
 
-        The hook for rendered depth of scene strips: it will render the strip's scene with its Z
-        pass (through ``compat.compositor_tree``) alongside :meth:`read`.
+        Comes from the render that :meth:`read` of that frame made (rendered here if it was not).
         """
-        if not self.has_depth:
+        if self._zpass is None:
             return None
-        raise P2VAddonError("Depth 'Z pass' is not available in this version of the add-on")
+        if self._depth is None or self._depth[0] != index:
+            self.read(index)
+        return self._depth[1]
 
     def close(self) -> None:
-        """Remove the temporary scene and its files (safe to call twice)."""
+        """Remove the temporary scenes and their files (safe to call twice)."""
+        self._depth = None
         copy, self._copy = self._copy, None
         if copy is not None:
             try:
                 bpy.data.scenes.remove(copy)
             except ReferenceError:
                 pass
+        if self._zpass is not None:  # after the Sequencer copy, whose strip shows it
+            self._zpass.close()
         folder, self._folder = self._folder, None
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
             result = bpy.data.images.get(RENDER_RESULT)
             if result is not None and not self._had_render_result:
                 bpy.data.images.remove(result)  # the first render made it; leave the file as it was
+
+
+def set_png_output(scene) -> None:
+    """8-bit RGB PNG renders through the *Standard* view transform (the Sequencer's sRGB pixels)."""
+    settings = scene.render.image_settings
+    compat.set_image_format(settings, "PNG", "8", "RGB")
+    settings.compression = 0
+    view = scene.view_settings
+    view.view_transform = "Standard"
+    view.look = "None"
+    view.exposure = 0.0
+    view.gamma = 1.0
+    view.use_curve_mapping = False
+
+
+def load_pixels(path: str, size: tuple[int, int], what: str, data: bool = False):
+    """Float pixels of an image file, (height, width, channels), top row first; the file is left."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise P2VAddonError(f"Blender rendered no image for {what}")
+    image = bpy.data.images.load(path, check_existing=False)
+    try:
+        if data:
+            image.colorspace_settings.is_data = True  # values as stored: distances, not colours
+        width, height = image.size
+        channels = image.channels
+        if (width, height) != tuple(size):
+            raise P2VAddonError(f"{what[:1].upper()}{what[1:]} rendered at {width}x{height}, expected {size[0]}x{size[1]}")
+        pixels = np.empty(width * height * channels, dtype=np.float32)
+        image.pixels.foreach_get(pixels)
+    finally:
+        bpy.data.images.remove(image)
+    return pixels.reshape(height, width, channels)[::-1]
+
+
+def load_rgb(path: str, size: tuple[int, int], what: str) -> bytes:
+    """The 8-bit RGB bytes of a rendered PNG (top row first); the file is removed."""
+    import numpy as np
+
+    try:
+        rgb = load_pixels(path, size, what)[:, :, :3]
+    finally:
+        if os.path.isfile(path):
+            os.unlink(path)
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).tobytes()
+
+
+class ZPassScene:
+    """The copy of a scene strip's scene that the Sequencer copy renders instead, with its Z pass.
+
+    The copy (``Scene.copy``: the same objects, settings of its own) renders at the Sequencer's
+    size through its own compositor: the view layer's Image is the render result the Sequencer
+    shows, and its Depth goes to a File Output node that writes a 32-bit float EXR each render.
+
+    ``quality``: ``"SCENE"`` renders as the scene is set; ``"PREVIEW"`` keeps the scene's engine
+    but caps its samples (:data:`PREVIEW_SAMPLES`, Cycles without denoising). Every engine Blender
+    ships (Cycles, Eevee, Workbench) has a Z pass.
+    """
+
+    def __init__(self, sequencer_scene, strip, quality: str = "PREVIEW"):
+        self.sequencer_scene = sequencer_scene
+        self.strip_name = strip.name
+        self.scene_name = strip.scene.name
+        self.shown = strip.scene
+        self.camera = strip.scene_camera or strip.scene.camera
+        self.flip = (bool(getattr(strip, "use_flip_x", False)), bool(getattr(strip, "use_flip_y", False)))
+        self.quality = quality
+        self.copy = None
+        self.group = None
+        self.folder = None
+
+    def open(self, sequencer_copy, folder: str) -> None:
+        """Make the scene copy and let ``sequencer_copy``'s strip show it."""
+        if self.copy is not None:
+            return
+        self.folder = folder
+        copy = self.shown.copy()
+        self.copy = copy
+        copy.name = f"P2V Z pass of {self.strip_name}"
+        render, edit = copy.render, self.sequencer_scene.render
+        render.resolution_x, render.resolution_y = edit.resolution_x, edit.resolution_y
+        render.resolution_percentage = edit.resolution_percentage
+        render.pixel_aspect_x, render.pixel_aspect_y = edit.pixel_aspect_x, edit.pixel_aspect_y
+        render.use_border = False
+        render.use_multiview = False
+        render.use_stamp = False
+        render.use_sequencer = False  # its camera, not its own strips (as the strip's Input says)
+        render.use_compositing = True
+        layer = zpass_view_layer(copy)
+        for other in copy.view_layers:
+            other.use = other == layer
+        layer.use_pass_combined = True
+        layer.use_pass_z = True
+        if self.quality == "PREVIEW":
+            preview_samples(copy)
+        tree, self.group = compat.new_compositor_tree(copy, f"P2V Z pass of {self.strip_name}")
+        layers = tree.nodes.new("CompositorNodeRLayers")
+        layers.scene = copy
+        layers.layer = layer.name
+        tree.links.new(layers.outputs["Image"], compat.composite_input(tree))
+        depth = compat.depth_output(layers)
+        if depth is None:
+            raise P2VAddonError(f"The render engine of scene '{self.scene_name}' ({render.engine}) has no Z pass: "
+                                f"use Cycles, Eevee or Workbench, or Depth 'Estimate'")
+        tree.links.new(depth, compat.float_file_output(tree, folder, "Depth"))
+        shown_by = compat.all_strips(sequencer_copy.sequence_editor)[self.strip_name]
+        shown_by.scene = copy
+        transform = shown_by.transform  # the copy renders at the frame's size: no scaling
+        transform.scale_x = transform.scale_y = 1.0
+        for name in ("use_cache_raw", "use_cache_preprocessed", "use_cache_composite", "use_cache_final"):
+            if hasattr(sequencer_copy.sequence_editor, name):  # every frame rendered, so every Z written
+                setattr(sequencer_copy.sequence_editor, name, False)
+
+    def before_render(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def after_render(self, size: tuple[int, int], what: str) -> bytes:
+        """The float32 Z bytes (top row first) of the render just made; raise if unusable."""
+        import numpy as np
+
+        written = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
+        if len(written) != 1:
+            raise P2VAddonError(f"Blender wrote no Z pass for {what} (scene '{self.scene_name}', render engine "
+                                f"{self.copy.render.engine})")
+        z = load_pixels(os.path.join(self.folder, written[0]), size, f"the Z pass of {what}", data=True)[:, :, 0]
+        z = np.ascontiguousarray(z, dtype=np.float32)
+        if self.flip[0]:  # the Sequencer flipped the RGB; the File Output wrote the render as it is
+            z = z[:, ::-1]
+        if self.flip[1]:
+            z = z[::-1]
+        clip_end = getattr(getattr(self.camera, "data", None), "clip_end", 0.0) or 0.0
+        z, problem = zpass_problem(np.ascontiguousarray(z), clip_end)
+        if problem is not None:
+            raise P2VAddonError(f"Depth 'Z pass' cannot use {what} (scene '{self.scene_name}'): {problem}")
+        return z.astype("<f4").tobytes()
+
+    def close(self) -> None:
+        """Remove the scene copy and its node group (safe to call twice); the caller removes the folder."""
+        copy, self.copy = self.copy, None
+        if copy is not None:
+            try:
+                bpy.data.scenes.remove(copy)
+            except ReferenceError:
+                pass
+        group, self.group = self.group, None
+        if group is not None:
+            try:
+                bpy.data.node_groups.remove(group)
+            except ReferenceError:
+                pass
+
+
+def preview_samples(scene) -> None:
+    """Quick preview: the scene's engine with few samples (Workbench and other engines as set)."""
+    engine = scene.render.engine
+    if engine == "CYCLES":
+        cycles = scene.cycles
+        cycles.samples = min(cycles.samples, PREVIEW_SAMPLES["CYCLES"])
+        cycles.use_denoising = False
+    elif engine in compat.EEVEE_ENGINES:
+        eevee = scene.eevee
+        eevee.taa_render_samples = min(eevee.taa_render_samples, PREVIEW_SAMPLES["EEVEE"])

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(flag, type=kind, default=None, help=text)
     parser.add_argument("--depth", choices=("estimate", "zpass"), default=None,
                         help="estimate depth from the frames, or render the Z pass of a scene strip")
+    parser.add_argument("--zpass-render", choices=("preview", "scene"), default=None,
+                        help="with --depth zpass: the scene's engine with few samples (preview), or as the scene "
+                             "is set (scene); default: the scene's Pix2Video setting, else preview")
     parser.add_argument("--save", action="store_true", help="save the .blend with the new strip")
     parser.add_argument("--runtime-python", help="Python that has p2v_runtime (starts a local runtime)")
     parser.add_argument("--server", metavar="HOST:PORT", help="use a running `p2v serve` instead")
@@ -183,20 +186,23 @@ def _edit(args, bpy, job_module, errors, compat, settings_map, preferences, runt
             return fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}", EXIT_USAGE)
     settings = settings_map.job_settings(scene_values, preferences.preference_values(prefs), overrides)
     depth = args.depth.upper() if args.depth else (scene.p2v.depth if hasattr(scene, "p2v") else "ESTIMATE")
+    zpass_render = args.zpass_render.upper() if args.zpass_render else (
+        scene.p2v.zpass_render if hasattr(scene, "p2v") else "PREVIEW")
 
     try:
         runtime = _runtime_config(args, prefs, preferences, runtime_process)
     except errors.P2VAddonError as exc:
         return fail(exc, EXIT_USAGE)
     output_dir = args.output_dir or (bpy.path.abspath(prefs.output_dir) if prefs is not None and prefs.output_dir else "")
-    job = job_module.EditJob(scene, strip, settings, runtime, depth=depth, output_dir=output_dir,
+    job = job_module.EditJob(scene, strip, settings, runtime, depth=depth, zpass_render=zpass_render, output_dir=output_dir,
                              max_frames=max(0, args.max_frames))
     try:
         job.start()
     except errors.P2VAddonError as exc:
         return fail(exc)
+    with_depth = f", depth: Z pass ({zpass_render.lower()})" if depth == "ZPASS" else ""
     say(f"editing {job.total} frame(s) of strip '{strip.name}' at {job.frames.width}x{job.frames.height} "
-        f"on {runtime.describe()}", args.quiet)
+        f"on {runtime.describe()}{with_depth}", args.quiet)
 
     last = [None, 0.0]
 

@@ -701,6 +701,503 @@ def scenario_check_runtime():
     return {"good": good, "bad": bad, "missing": missing}
 
 
+# --- the Z pass of scene strips (tests/test_zpass_addon.py) --------------------------------------
+
+
+
+def _mesh_object(scene, name, verts, faces, location=(0.0, 0.0, 0.0)):
+    mesh = bpy.data.meshes.new(name)
+    mesh.from_pydata(verts, [], faces)
+    obj = bpy.data.objects.new(name, mesh)
+    obj.location = location
+    scene.collection.objects.link(obj)
+    return obj
+
+
+def _box(scene, name, half, location):
+    hx, hy, hz = half
+    verts = [(x, y, z) for x in (-hx, hx) for y in (-hy, hy) for z in (-hz, hz)]
+    faces = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+    return _mesh_object(scene, name, verts, faces, location)
+
+
+def _ortho_camera(scene, name, height=10.0, ortho_scale=8.0):
+    data = bpy.data.cameras.new(name)
+    data.type = "ORTHO"
+    data.ortho_scale = ortho_scale
+    data.clip_end = 100.0
+    camera = bpy.data.objects.new(name, data)
+    camera.location = (0.0, 0.0, height)  # looks down -Z
+    scene.collection.objects.link(camera)
+    return camera
+
+
+def _geo_scene(name: str, engine: str = "CYCLES"):
+    """A ground plane 10 units below an orthographic camera and a 4x4x2 box whose top is 5 units
+    below it, moving along x; a sun, a red box. Rendered at the Sequencer's 80x48."""
+    scene = bpy.data.scenes.new(name)
+    scene.render.engine = engine
+    if engine == "CYCLES":
+        scene.cycles.samples = 16  # "as the scene is set"; the quick preview renders 8
+        scene.cycles.use_denoising = False
+        scene.cycles.device = "CPU"
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 80, 48, 100
+    scene.frame_start, scene.frame_end = 1, 5
+    scene.frame_current = 1
+    _mesh_object(scene, f"{name} plane", [(-20, -20, 0), (20, -20, 0), (20, 20, 0), (-20, 20, 0)], [(0, 1, 2, 3)])
+    cube = _box(scene, f"{name} cube", (2.0, 2.0, 1.0), (0.0, 0.0, 4.0))
+    material = bpy.data.materials.new(f"{name} red")
+    material.diffuse_color = (0.8, 0.1, 0.1, 1.0)  # Workbench
+    if material.node_tree is None:  # 4.2; 5.0 makes new materials with nodes
+        material.use_nodes = True
+    material.node_tree.nodes["Principled BSDF"].inputs["Base Color"].default_value = (0.8, 0.1, 0.1, 1.0)
+    cube.data.materials.append(material)
+    for frame, x in ((1, -1.0), (5, 1.0)):
+        cube.location.x = x
+        cube.keyframe_insert("location", frame=frame)
+    for curve in _fcurves(cube):
+        for point in curve.keyframe_points:
+            point.interpolation = "LINEAR"
+    sun = bpy.data.lights.new(f"{name} sun", "SUN")
+    sun.energy = 0.4
+    light = bpy.data.objects.new(f"{name} sun", sun)
+    light.rotation_euler = (0.5, 0.3, 0.0)
+    scene.collection.objects.link(light)
+    scene.camera = _ortho_camera(scene, f"{name} camera")
+    scene.world = bpy.data.worlds.new(f"{name} sky")
+    scene.world.color = (0.05, 0.05, 0.08)
+    return scene
+
+
+def _fcurves(obj):
+    """The object's F-curves (4.4+ keep them in layered actions' channel bags)."""
+    action = obj.animation_data.action
+    curves = getattr(action, "fcurves", None)
+    if curves is not None and len(curves):
+        return list(curves)
+    found = []
+    for layer in getattr(action, "layers", ()):
+        for strip in layer.strips:
+            for bag in strip.channelbags:
+                found.extend(bag.fcurves)
+    return found
+
+
+def zpass_setup() -> dict:
+    """Scene strips for the Z pass in the 'Edit' scene (once): channels 11..17 from frame 300."""
+    scene = bpy.data.scenes["Edit"]
+    compat = mod("compat")
+    editor = scene.sequence_editor
+    if "geo" in compat.all_strips(editor):
+        return {}
+    strips = compat.strips(editor)
+    geo = _geo_scene("Geo")
+    strip = strips.new_scene("geo", geo, 11, 300)
+    strip.frame_offset_start, strip.frame_offset_end = 1, 1  # timeline 301..303 = Geo frames 2..4
+    flip = strips.new_scene("geo_flip", geo, 12, 300)
+    flip.frame_offset_start, flip.frame_offset_end = 1, 1
+    flip.use_flip_x = True
+    reverse = strips.new_scene("geo_reverse", geo, 18, 300)
+    reverse.frame_offset_start, reverse.frame_offset_end = 1, 1
+    reverse.use_reverse_frames = True  # the Sequencer maps the frames; the Z pass must follow
+    retimed = strips.new_scene("geo_retimed", geo, 19, 300)  # Geo 1..5 at half speed over 10 frames
+    if hasattr(retimed, "retiming_keys"):  # 4.4+
+        _half_speed(scene, editor, retimed)
+    else:
+        strips.remove(retimed)
+    empty = bpy.data.scenes.new("Empty")  # a camera looking at nothing
+    empty.render.engine = "CYCLES"
+    empty.cycles.samples = 1
+    empty.render.resolution_x, empty.render.resolution_y = 80, 48
+    empty.camera = _ortho_camera(empty, "Empty camera")
+    strips.new_scene("empty", empty, 13, 300).frame_final_duration = 2
+    strips.new_scene("self", scene, 14, 300).frame_final_duration = 2
+    seqinput = strips.new_scene("seqinput", geo, 15, 300)
+    seqinput.frame_final_duration = 2
+    seqinput.scene_input = "SEQUENCER"
+    big = bpy.data.scenes.new("Big")  # 1920x1080 shown unscaled in an 80x48 Sequencer: a crop of it
+    big.render.resolution_x, big.render.resolution_y = 1920, 1080
+    big.camera = _ortho_camera(big, "Big camera")
+    strips.new_scene("big", big, 16, 300).frame_final_duration = 2
+    nocam = bpy.data.scenes.new("NoCameraZ")
+    strips.new_scene("nocam_z", nocam, 17, 300).frame_final_duration = 2
+    for made in compat.all_strips(editor):
+        if getattr(made, "strobe", 1.0) < 1.0:
+            made.strobe = 1.0
+    return {}
+
+
+def _half_speed(scene, editor, strip) -> None:
+    """Retime ``strip`` to half speed as the UI does (the Python API cannot set a speed). No other
+    Python thread may run during an operator in a context override: this runs before any runtime."""
+    compat = mod("compat")
+    selected = [other for other in compat.all_strips(editor) if other.select]
+    for other in selected:
+        other.select = False
+    active, editor.active_strip = editor.active_strip, strip
+    strip.select = True
+    try:
+        with bpy.context.temp_override(scene=scene, sequencer_scene=scene):
+            bpy.ops.sequencer.retiming_segment_speed_set(speed=50)
+    finally:
+        strip.select = False
+        for other in selected:
+            other.select = True
+        editor.active_strip = active
+
+
+def _scene_settings(scene) -> dict:
+    """Everything of a scene the Z-pass render could have touched, as plain values."""
+    compat = mod("compat")
+    tree = compat.compositor_tree(scene)
+    out = {
+        "render": rna_dump(scene.render),
+        "view_layers": [{k: v for k, v in rna_dump(layer).items() if k != "depsgraph"} for layer in scene.view_layers],
+        "view_settings": rna_dump(scene.view_settings),
+        "display_settings": rna_dump(scene.display_settings),
+        "display": rna_dump(scene.display),
+        "frame": [scene.frame_current, scene.frame_start, scene.frame_end, scene.frame_step],
+        "camera": scene.camera.name if scene.camera else None,
+        "world": scene.world.name if scene.world else None,
+        "markers": [(m.name, m.frame, m.camera.name if m.camera else None) for m in scene.timeline_markers],
+        "tree": None if tree is None else {
+            "name": tree.name,
+            "nodes": sorted((n.name, n.bl_idname) for n in tree.nodes),
+            "links": sorted((l.from_node.name, l.from_socket.identifier, l.to_node.name, l.to_socket.identifier)
+                            for l in tree.links)},
+        "objects": {obj.name: [list(obj.location), list(obj.matrix_world.translation)] for obj in scene.objects},
+    }
+    for name in ("cycles", "eevee"):
+        group = getattr(scene, name, None)
+        if group is not None:
+            out[name] = rna_dump(group)
+    if not hasattr(scene, "compositing_node_group"):
+        out["use_nodes"] = scene.use_nodes
+    return out
+
+
+def _without_users(value):
+    """``value`` without ID user counts: bpy 4.2's ``Scene.copy()`` adds a user to the objects of the
+    scene's master collection that removing the copy does not take back (5.0 does); a count of
+    references in memory, recounted when the file loads, not a setting."""
+    if isinstance(value, dict):
+        return {k: _without_users(v) for k, v in value.items() if k != "users"}
+    if isinstance(value, list):
+        return [_without_users(v) for v in value]
+    return value
+
+
+def _data_names() -> dict:
+    names = {}
+    for collection in ("scenes", "node_groups", "images", "objects", "cameras", "meshes", "materials", "worlds",
+                       "collections", "lights", "actions"):
+        names[collection] = sorted(item.name for item in getattr(bpy.data, collection))
+    return names
+
+
+def _zpass_state() -> dict:
+    scenes = {name: _without_users(_scene_settings(bpy.data.scenes[name])) for name in ("Edit", "Geo", "Empty")}
+    return scenes | {"data": _data_names()}
+
+
+def _state_changes(before, after, path: str = "") -> list[str]:
+    """Where two plain-value trees differ: ``path: before -> after`` at the deepest level that differs."""
+    if _same(before, after):
+        return []
+    if isinstance(before, dict) and isinstance(after, dict):
+        found = []
+        for key in sorted(set(before) | set(after), key=str):
+            found.extend(_state_changes(before.get(key), after.get(key), f"{path}.{key}" if path else str(key)))
+        return found
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        found = []
+        for index, (old, new) in enumerate(zip(before, after)):
+            found.extend(_state_changes(old, new, f"{path}[{index}]"))
+        return found
+    return [f"{path}: {json.dumps(before, default=str)[:200]} -> {json.dumps(after, default=str)[:200]}"]
+
+
+def recording_runtime():
+    """The recording server the test process runs (real socket, real edit, depth saved)."""
+    rp = mod("runtime_process")
+    server = CONFIG["recorder"]
+    return rp.RuntimeConfig(mode="REMOTE", host=server["host"], port=server["port"], token=server["token"])
+
+
+def zpass_edit(strip_name: str, runtime_config=None, zpass_render="PREVIEW", **setting_overrides):
+    def scenario():
+        zpass_setup()
+        before, state_before = snapshot(), _zpass_state()
+        job = make_job(strip_name, settings(**setting_overrides), runtime_config or runtime(), depth="ZPASS",
+                       zpass_render=zpass_render)
+        result = run_job(job)
+        result["new"] = new_strip_info(job)
+        result["changes"] = changes(before, snapshot(), result["new"].get("name"))
+        remove_new_strip(job)
+        result["settings_changes"] = _state_changes(state_before, _zpass_state())
+        result["warnings"] = job.warnings
+        return result
+    return scenario
+
+
+def zpass_bad(strip_name: str, patch=None, **job_kwargs):
+    """A Z-pass edit that must be refused or fail with a clear report and change nothing."""
+    def scenario():
+        zpass_setup()
+        state_before = _zpass_state()
+        undo = patch() if patch is not None else None
+        try:
+            result = bad_input(strip_name, depth="ZPASS", **job_kwargs)()
+        finally:
+            if undo is not None:
+                undo()
+        result["settings_changes"] = _state_changes(state_before, _zpass_state())
+        return result
+    return scenario
+
+
+def _inject(kind: str, at_call: int = 1):
+    """Make the add-on read a Z pass with NaN (or -inf) pixels from the ``at_call``-th render on."""
+    def patch():
+        strip_frames = mod("strip_frames")
+        original = strip_frames.load_pixels
+        calls = [0]
+
+        def load_pixels(path, size, what, data=False):
+            pixels = original(path, size, what, data)
+            if data:
+                calls[0] += 1
+                if calls[0] >= at_call:
+                    pixels = pixels.copy()
+                    pixels[5:9, 10:20, 0] = float("nan") if kind == "nan" else float("-inf")
+            return pixels
+
+        strip_frames.load_pixels = load_pixels
+        return lambda: setattr(strip_frames, "load_pixels", original)
+    return patch
+
+
+def scenario_zpass_cancel():
+    """Cancel a Z-pass edit after its first frame: the copy of the scene goes, nothing else changes."""
+    zpass_setup()
+    before, state_before = snapshot(), _zpass_state()
+    job = make_job("geo", settings(steps=8), depth="ZPASS")
+    cancelled = []
+
+    def on_frame(current):
+        if not cancelled:
+            cancelled.append(current.frames_done)
+            current.cancel()
+
+    job_module = mod("job")
+    result = run_job(job, on_frame=on_frame)
+    result["new"] = new_strip_info(job)
+    remove_new_strip(job)
+    result["changes"] = changes(before, snapshot())
+    result["settings_changes"] = _state_changes(state_before, _zpass_state())
+    result["running_job"] = job_module.current_job() is not None
+    return result
+
+
+def scenario_zpass_error_mid_render():
+    """A render that fails on the 2nd frame (NaN injected) ends the job with a clear report, restored."""
+    return zpass_bad("geo", patch=_inject("nan", at_call=2), runtime_config=echo_runtime())()
+
+
+def scenario_zpass_frames():
+    """What StripFrames gives for the Z pass, straight (no runtime): per frame the Z, RGB and time,
+    for the geo strip in both render settings and with Workbench and Eevee; the sequencer's RGB."""
+    import numpy as np
+
+    zpass_setup()
+    strip_frames, compat = mod("strip_frames"), mod("compat")
+    scene = bpy.data.scenes["Edit"]
+    editor = scene.sequence_editor
+    state_before = _zpass_state()
+    out = {"folder": os.path.join(CONFIG["work"], "zpass-frames")}
+    os.makedirs(out["folder"], exist_ok=True)
+
+    def grab(strip, depth, quality, label):
+        frames = strip_frames.StripFrames(scene, strip, depth, quality)
+        times = []
+        try:
+            frames.open()
+            for index in range(len(frames)):
+                began = time.perf_counter()
+                rgb = frames.read(index)
+                z = frames.read_depth(index)
+                times.append(time.perf_counter() - began)
+                np.save(os.path.join(out["folder"], f"{label}_rgb_{index}.npy"),
+                        np.frombuffer(rgb, np.uint8).reshape(frames.height, frames.width, 3))
+                if z is not None:
+                    np.save(os.path.join(out["folder"], f"{label}_z_{index}.npy"),
+                            np.frombuffer(z, "<f4").reshape(frames.height, frames.width))
+        finally:
+            frames.close()
+        out[label] = {"count": len(frames), "seconds": times}
+
+    geo = compat.all_strips(editor)["geo"]
+    grab(geo, "ZPASS", "PREVIEW", "preview")
+    grab(geo, "ZPASS", "SCENE", "scene")
+    grab(geo, "ESTIMATE", "PREVIEW", "sequencer")
+    grab(compat.all_strips(editor)["geo_flip"], "ZPASS", "PREVIEW", "flip")
+    grab(compat.all_strips(editor)["geo_reverse"], "ZPASS", "PREVIEW", "reverse")
+    if "geo_retimed" in compat.all_strips(editor):
+        grab(compat.all_strips(editor)["geo_retimed"], "ZPASS", "PREVIEW", "retimed")
+    shown = bpy.data.scenes["Geo"]
+    for label, names in (("workbench", ("BLENDER_WORKBENCH",)), ("eevee", compat.EEVEE_ENGINES)):
+        previous = shown.render.engine
+        try:
+            for name in names:
+                try:
+                    shown.render.engine = name  # as a user would choose it (restored below)
+                    break
+                except TypeError:  # not this version's name for it
+                    continue
+            grab(geo, "ZPASS", "PREVIEW", label)
+        finally:
+            shown.render.engine = previous
+    out["settings_changes"] = _state_changes(state_before, _zpass_state())
+    return out
+
+
+def scenario_zpass_problems():
+    """The add-on's checks of a Z pass on small arrays: background by clip end or +inf, bad values."""
+    import numpy as np
+
+    strip_frames = mod("strip_frames")
+    cases = {
+        "clip_end": [[5.0, 100.07], [100.07, 5.0]],  # Eevee writes the camera's far clip where nothing is
+        "inf": [[5.0, float("inf")], [float("inf"), 5.0]],
+        "nan": [[5.0, float("nan")], [10.0, 5.0]],
+        "neginf": [[5.0, float("-inf")], [10.0, 5.0]],
+        "zero": [[5.0, 0.0], [10.0, 5.0]],
+        "all_background": [[1e10, float("inf")], [100.5, 1e10]],
+    }
+    out = {}
+    for name, values in cases.items():
+        z, problem = strip_frames.zpass_problem(np.array(values, dtype=np.float32), 100.0)
+        out[name] = {"problem": problem, "background": [float(z[0, 1]), float(z[1, 0])] if problem is None else None,
+                     "surface": float(z[0, 0]) if problem is None else None}
+    return out
+
+
+def scenario_video_output():
+    """A Sequencer scene set to render a video: its copies still render PNG frames (5.0 needs the
+    image settings' media type changed before the format)."""
+    zpass_setup()
+    compat, strip_frames = mod("compat"), mod("strip_frames")
+    scene = bpy.data.scenes["Edit"]
+    settings = scene.render.image_settings
+    saved = (getattr(settings, "media_type", None), settings.file_format)
+    if saved[0] is not None:
+        settings.media_type = "VIDEO"
+    else:
+        settings.file_format = "FFMPEG"
+    out = {"format": settings.file_format}
+    try:
+        for name, depth in (("img", "ESTIMATE"), ("geo", "ZPASS")):
+            frames = strip_frames.StripFrames(scene, compat.all_strips(scene.sequence_editor)[name], depth)
+            try:
+                frames.open()
+                out[name] = [len(frames.read(0)), None if frames.read_depth(0) is None else len(frames.read_depth(0))]
+            finally:
+                frames.close()
+        out["format_after"] = settings.file_format
+    finally:
+        if saved[0] is not None:
+            settings.media_type = saved[0]
+        settings.file_format = saved[1]
+    return out
+
+
+def scenario_zpass_panel():
+    panel = mod("panel")
+    scene = bpy.data.scenes["Edit"]
+    zpass_setup()
+    scene.sequence_editor.active_strip = mod("compat").all_strips(scene.sequence_editor)["geo"]
+    scene.p2v.depth = "ZPASS"
+    try:
+        drawn = draw(panel.SEQUENCER_PT_p2v, bpy.context)
+    finally:
+        scene.p2v.depth = "ESTIMATE"
+    estimate = draw(panel.SEQUENCER_PT_p2v, bpy.context)
+    operators = mod("operators")
+    scene.sequence_editor.active_strip = mod("compat").all_strips(scene.sequence_editor)["img"]
+    scene.p2v.depth = "ZPASS"
+    try:
+        image_reason = operators.unavailable_reason(bpy.context)
+    finally:
+        scene.p2v.depth = "ESTIMATE"
+    return {"zpass": drawn, "estimate": estimate, "image_reason": image_reason,
+            "image_reason_estimate": operators.unavailable_reason(bpy.context),
+            "items": [item.identifier for item in scene.p2v.bl_rna.properties["zpass_render"].enum_items],
+            "default": scene.p2v.zpass_render}
+
+
+def scenario_zpass_operator():
+    """``bpy.ops.sequencer.p2v_edit()`` with the scene's Depth set to Z pass (echo runtime)."""
+    zpass_setup()
+    prefs = mod("preferences").addon_preferences()
+    scene = bpy.data.scenes["Edit"]
+    editor = scene.sequence_editor
+    compat = mod("compat")
+    values = settings()
+    props = scene.p2v
+    for name in ("prompt", "source_prompt", "steps", "size"):
+        setattr(props, name, values[name])
+    props.depth, props.zpass_render = "ZPASS", "SCENE"
+    prefs.python = CONFIG["runtime_python"]
+    prefs.model, prefs.captioner, prefs.device = values["model"], values["captioner"], "cpu"
+    prefs.cache_dir = values["cache_dir"]
+    state_before = _zpass_state()
+    editor.active_strip = compat.all_strips(editor)["geo"]
+    before = snapshot()
+    try:
+        result = bpy.ops.sequencer.p2v_edit()
+    finally:
+        props.depth, props.zpass_render = "ESTIMATE", "PREVIEW"
+    after = snapshot()
+    new = [name for name in after["strips"] if name not in before["strips"]]
+    length = after["strips"][new[0]]["frame_final_duration"] if new else None
+    for name in new:
+        compat.strips(editor).remove(compat.all_strips(editor)[name])
+    return {"result": sorted(result), "new": new, "length": length,
+            "settings_changes": _state_changes(state_before, _zpass_state())}
+
+
+def scenario_zpass_save_blend():
+    """Save a copy of the file with the Z-pass strips, for the headless script."""
+    zpass_setup()
+    path = os.path.join(CONFIG["work"], "zpass.blend")
+    bpy.ops.wm.save_as_mainfile(filepath=path, copy=True)
+    return {"blend": path}
+
+
+ZPASS_SCENARIOS = {
+    "zpass_setup": zpass_setup,
+    "zpass_frames": scenario_zpass_frames,
+    "zpass_problems": scenario_zpass_problems,
+    "zpass_record": lambda: zpass_edit("geo", recording_runtime(), prompt=CONFIG["record_prompt"], size=128)(),
+    "zpass_local": zpass_edit("geo", zpass_render="SCENE"),
+    "zpass_echo": lambda: zpass_edit("geo", echo_runtime())(),
+    "zpass_cancel": scenario_zpass_cancel,
+    "zpass_error_mid_render": scenario_zpass_error_mid_render,
+    "zpass_panel": scenario_zpass_panel,
+    "video_output": scenario_video_output,
+    "zpass_operator": scenario_zpass_operator,
+    "zpass_save_blend": scenario_zpass_save_blend,
+    "bad_zpass_self": zpass_bad("self"),
+    "bad_zpass_no_camera": zpass_bad("nocam_z"),
+    "bad_zpass_all_background": lambda: zpass_bad("empty", runtime_config=echo_runtime())(),
+    "bad_zpass_nan": lambda: zpass_bad("geo", patch=_inject("nan"), runtime_config=echo_runtime())(),
+    "bad_zpass_neginf": lambda: zpass_bad("geo", patch=_inject("neginf"), runtime_config=echo_runtime())(),
+    "bad_zpass_movie": zpass_bad("mov"),
+    "bad_zpass_sequencer_input": zpass_bad("seqinput"),
+    "bad_zpass_framing": zpass_bad("big"),
+}
+
+
 SCENARIOS = {
     "image": edit_scenario("img"),
     "movie": edit_scenario("mov"),
@@ -731,7 +1228,6 @@ SCENARIOS = {
     "bad_python_lacks_runtime": lambda: bad_input("img", runtime_config=runtime(python=CONFIG["base_python"]))(),
     "bad_empty_prompt": lambda: bad_input("img", settings_values=settings(prompt="  "))(),
     "bad_zpass_image": bad_input("img", depth="ZPASS"),
-    "bad_zpass_scene": bad_input("shot", depth="ZPASS"),
     "bad_model_missing": lambda: bad_input(
         "img", settings_values=settings(model=os.path.join(CONFIG["work"], "no-such-model")))(),
     "unwritable_probe": scenario_unwritable_probe,
@@ -746,6 +1242,9 @@ SCENARIOS = {
     "setup_fails": scenario_setup_fails_cleanly,
     "register_twice": scenario_register_twice,
 }
+
+
+SCENARIOS.update(ZPASS_SCENARIOS)
 
 
 def echo_runtime():

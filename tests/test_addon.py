@@ -30,7 +30,7 @@ SCENARIOS = (
     "warm_reuse", "remote_ok", "remote_wrong_token", "remote_refused", "bad_no_strip", "bad_sound", "bad_text",
     "bad_color", "bad_meta", "bad_movie_missing", "bad_image_holes", "bad_scene_no_camera", "bad_too_long",
     "long_confirmed_check", "bad_no_channel", "bad_output_dir", "bad_python_missing", "bad_python_lacks_runtime",
-    "bad_empty_prompt", "bad_zpass_image", "bad_zpass_scene", "bad_model_missing", "unwritable_probe",
+    "bad_empty_prompt", "bad_zpass_image", "bad_model_missing", "unwritable_probe",
     "unsaved_file", "release", "panel_draw", "operator_poll", "operator_run", "operator_in_override", "modal_loop", "check_runtime", "setup_fails",
     "register_twice",
 )
@@ -350,7 +350,6 @@ BAD_INPUTS = {
     "bad_python_lacks_runtime": "does not have p2v_runtime installed",
     "bad_empty_prompt": "prompt is empty",
     "bad_zpass_image": "needs a scene strip",
-    "bad_zpass_scene": "not available",
     "bad_model_missing": "cannot load model",
 }
 
