@@ -86,7 +86,8 @@ class EditSettings:
 
     def last_update_step(self) -> int:
         """Last step index that gets the guided update, scaled from the paper's 50 steps."""
-        return min(self.steps - 1, round(self.update_steps * self.steps / PAPER_STEPS))
+        # Halves round up (Python's round() would send 1.5 and 2.5 both to 2).
+        return min(self.steps - 1, int(self.update_steps * self.steps / PAPER_STEPS + 0.5))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

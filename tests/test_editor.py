@@ -145,7 +145,6 @@ def test_feature_cache_holds_only_frames_still_needed(tiny_settings):
 def test_inversion_then_sampling_with_source_prompt_reconstructs_the_latent(tiny_settings):
     import torch
 
-    from p2v_runtime.editor import _ClipEditor  # noqa: F401  (sampling path under test is edit_clip)
     from p2v_runtime.inversion import encode_latent
     from p2v_runtime.models import load_depth_pipeline
 
