@@ -91,13 +91,4 @@ class SEQUENCER_PT_p2v_advanced(bpy.types.Panel):
 
 
 CLASSES = (SEQUENCER_PT_p2v, SEQUENCER_PT_p2v_advanced)
-
-
-def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)
