@@ -48,7 +48,12 @@ def estimate_inverse_depth(pipeline, rgb: np.ndarray, latent_hw: tuple[int, int]
 
 
 def zpass_to_inverse_depth(z: np.ndarray, latent_hw: tuple[int, int], label: str = "depth") -> np.ndarray:
-    """Turn a Z pass (distance) into inverse depth at latent size; background = farthest surface."""
+    """Turn a Z pass (distance) into inverse depth at latent size, background marked NaN.
+
+    The background becomes the farthest surface only in :func:`normalise`, where the range is
+    known: with clip normalisation that is the clip's farthest surface, so the background does not
+    jump from frame to frame when the farthest object of a frame changes.
+    """
     import torch
 
     z = np.asarray(z, dtype=np.float32)
@@ -63,19 +68,31 @@ def zpass_to_inverse_depth(z: np.ndarray, latent_hw: tuple[int, int], label: str
         raise InputError(f"{label}: every pixel is background (nothing in front of the camera)")
     inverse = np.zeros_like(z)
     inverse[~background] = 1.0 / z[~background]
-    inverse[background] = inverse[~background].min()
+    inverse[background] = inverse[~background].min()  # for resampling only
     tensor = torch.from_numpy(inverse)[None, None]
     resized = torch.nn.functional.interpolate(
         tensor, size=latent_hw, mode="bicubic", align_corners=False, antialias=tensor.shape[-1] > latent_hw[1]
     )
     # Bicubic overshoot must not invent depth beyond the rendered range.
-    return resized[0, 0].clamp(float(inverse.min()), float(inverse.max())).numpy()
+    result = resized[0, 0].clamp(float(inverse.min()), float(inverse.max())).numpy()
+    coverage = torch.nn.functional.interpolate(
+        torch.from_numpy(background.astype(np.float32))[None, None], size=latent_hw, mode="area"
+    )[0, 0].numpy()
+    result[coverage > 0.5] = np.nan
+    return result
 
 
 def depth_range(maps: list[np.ndarray], label: str = "clip") -> tuple[float, float]:
-    """(min, max) over several inverse-depth maps; a constant range cannot be normalised."""
-    low = min(float(m.min()) for m in maps)
-    high = max(float(m.max()) for m in maps)
+    """(min, max) of the surfaces in several inverse-depth maps (NaN = background).
+
+    A constant range cannot be normalised.
+    """
+    surfaces = [m[~np.isnan(m)] for m in maps]
+    surfaces = [values for values in surfaces if values.size]
+    if not surfaces:
+        raise InputError(f"{label}: no surface left at the model's resolution (background everywhere)")
+    low = min(float(values.min()) for values in surfaces)
+    high = max(float(values.max()) for values in surfaces)
     if not np.isfinite(low) or not np.isfinite(high):
         raise InputError(f"{label}: depth has non-finite values")
     if high - low <= 1e-12 * max(1.0, abs(high)):
@@ -84,8 +101,12 @@ def depth_range(maps: list[np.ndarray], label: str = "clip") -> tuple[float, flo
 
 
 def normalise(inverse_depth: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Scale to the model's [-1, 1] (near = +1), as the pipeline does after its min/max."""
-    return (2.0 * (inverse_depth - low) / (high - low) - 1.0).astype(np.float32)
+    """Scale to the model's [-1, 1] (near = +1), as the pipeline does after its min/max.
+
+    Background (NaN) becomes ``low``, the farthest surface of the range: -1.
+    """
+    filled = np.where(np.isnan(inverse_depth), low, inverse_depth)
+    return (2.0 * (filled - low) / (high - low) - 1.0).astype(np.float32)
 
 
 def to_display(normalised: np.ndarray) -> np.ndarray:
