@@ -183,15 +183,19 @@ class EditJob:
             message = str(exc) if isinstance(exc, P2VAddonError) else \
                 f"Frame {self._rendered} of strip '{self.strip_name}' could not be read: {exc}"
             self._events.put(("error", message))
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
+        for event in self._waiting_events():
             self._apply(event)
             if self.state != "running":
                 break
         return self.state == "running"
+
+    def _waiting_events(self):
+        """The worker's events already in the queue, without waiting for more."""
+        while True:
+            try:
+                yield self._events.get_nowait()
+            except queue.Empty:
+                return
 
     @property
     def strip_name(self) -> str:
@@ -241,11 +245,7 @@ class EditJob:
         if self._worker is not None:
             self._worker.join(10.0)
         # Frames the worker wrote after its last event was taken still belong to the strip.
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
+        for event in self._waiting_events():
             if event[0] == "frame":
                 self.output.append(event[1])
         if self.frames is not None:
@@ -259,11 +259,7 @@ class EditJob:
     def _apply_frames(self) -> None:
         """Apply the frame events waiting in the queue, keep the rest in order (run_here only)."""
         pending = []
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
+        for event in self._waiting_events():
             if event[0] == "frame":
                 self.output.append(event[1])
             elif event[0] in ("progress", "warning"):
