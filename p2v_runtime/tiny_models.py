@@ -71,6 +71,10 @@ _CLIP_MERGES = (
     "s t",
 )
 _CLIP_MAX_LENGTH = 77
+# The ViT image towers of the tiny BLIP and CLIP: 32x32 images in 16 patches.
+_TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 _BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 _BERT_WORDS = (
@@ -464,14 +468,7 @@ def _write_blip(folder: pathlib.Path, seed: int) -> None:
             sep_token_id=tokenizer.sep_token_id,
             pad_token_id=tokenizer.pad_token_id,
         ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-        ),
+        vision_config=dict(_TINY_VISION),
         projection_dim=32,
     )
     with _seeded(seed):
@@ -496,15 +493,7 @@ def _write_clip(folder: pathlib.Path, seed: int) -> None:
 
     config = CLIPConfig(
         text_config=_clip_text_config(tokenizer, projection_dim=16),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            projection_dim=16,
-        ),
+        vision_config=dict(_TINY_VISION, projection_dim=16),
         projection_dim=16,
     )
     with _seeded(seed):
