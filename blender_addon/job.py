@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from . import output_strip, runtime_process, strip_frames
+from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
 
 FRAME_QUEUE = 4  # rendered frames waiting for the worker (memory bound)
@@ -51,17 +52,18 @@ class _Abort(Exception):
 
 
 class EditJob:
-    """Edit ``strip`` of ``scene`` with ``settings`` (a dict of EditSettings fields)."""
+    """Edit ``strip`` of ``scene`` with ``settings`` (a validated ``EditSettings`` of the schema).
 
-    def __init__(self, scene, strip, settings: dict, runtime: runtime_process.RuntimeConfig, *,
-                 depth: str = "ESTIMATE", zpass_render: str = "PREVIEW", output_dir: str = "", max_frames: int = 0,
-                 confirmed: bool = False):
+    The settings the runtime uses go over the wire; the rest (frame range, depth source, Z-pass
+    render) say what this job renders and sends.
+    """
+
+    def __init__(self, scene, strip, settings, runtime: runtime_process.RuntimeConfig, *, output_dir: str = "",
+                 max_frames: int = 0, confirmed: bool = False):
         self.scene = scene
         self.strip = strip
-        self.settings = dict(settings)
+        self.settings = settings
         self.runtime = runtime
-        self.depth = depth
-        self.zpass_render = zpass_render
         self.output_dir = output_dir
         self.max_frames = max_frames
         self.confirmed = confirmed
@@ -148,15 +150,12 @@ class EditJob:
         return self.state
 
     def _prepare(self) -> None:
-        prompt = str(self.settings.get("prompt") or "").strip()
-        if not prompt:
-            raise P2VAddonError("The prompt is empty: type what the strip should become")
-        size = self.settings.get("size")
-        if isinstance(size, int) and size % 64:
-            raise P2VAddonError(f"Size must be a multiple of 64, got {size}")
-        if not self.settings.get("source_prompt"):
-            self.settings["source_prompt"] = None
-        frames = strip_frames.StripFrames(self.scene, self.strip, self.depth, self.zpass_render)
+        try:
+            self.settings.validate()  # the runtime's own rules and messages (the vendored schema)
+        except SettingsError as exc:
+            raise P2VAddonError(str(exc)) from None
+        frames = strip_frames.StripFrames(self.scene, self.strip, self.settings.depth, self.settings.zpass_render,
+                                          self.settings.frames)
         self.total = frames.count
         if self.max_frames and frames.count > self.max_frames and not self.confirmed:
             raise StripTooLong(f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
@@ -165,7 +164,8 @@ class EditJob:
             runtime_process.require_wire()
         else:
             runtime_process.resolve_python(self.runtime.python)
-        self.output = output_strip.OutputStrip(self.scene, self.strip, frames.count, self.output_dir)
+        self.output = output_strip.OutputStrip(self.scene, self.strip, frames.first_frame, frames.count,
+                                               self.output_dir)
         if self.runtime.mode != "REMOTE":
             self.process = runtime_process.ensure_local(self.runtime)
         frames.open()
@@ -334,7 +334,7 @@ class EditJob:
             width, height = self.frames.width, self.frames.height
             depth = self._next_depth if self.frames.has_depth else None
             # cancel() calls client.cancel() itself, so the wait for results needs no polling.
-            for message in client.run_job(self.settings, self._next_frame, width, height, count=self.total,
+            for message in client.run_job(self.settings.to_wire(), self._next_frame, width, height, count=self.total,
                                           depth=depth):
                 if message.type == "progress":
                     events.put(("progress", message["stage"], message["done"], message["total"]))

@@ -6,37 +6,28 @@ main thread, from the modal operator's timer (``EditJob.poll``) or from ``bpy.ap
 
 
 import os
-import threading
 
 import bpy
 from bpy.props import BoolProperty
 
-from . import compat, job as job_module, preferences, properties, runtime_process, settings_map
+from . import compat, job as job_module, preferences, properties, runtime_process, runtime_setup
+from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
 
 TIMER_INTERVAL = 0.05
-
-# UI-side state of the background tasks (not saved; the one runtime lives in runtime_process).
-_setup: runtime_process.SetupTask | None = None
-_check = {"text": "", "thread": None}
-
-
-def setup_task() -> runtime_process.SetupTask | None:
-    return _setup
-
-
-def check_state() -> str:
-    return _check["text"]
 
 
 def build_job(context, *, confirmed: bool = False) -> job_module.EditJob:
     """An :class:`EditJob` for the active strip, from the scene's settings and the preferences."""
     scene = compat.sequencer_scene(context)
     prefs = preferences.addon_preferences(context)
-    settings = settings_map.job_settings(properties.scene_values(scene.p2v), preferences.preference_values(prefs))
+    try:
+        settings = properties.job_settings(scene, prefs)
+    except SettingsError as exc:
+        raise P2VAddonError(str(exc)) from None
     return job_module.EditJob(
         scene, compat.active_strip(scene), settings, preferences.runtime_config(prefs),
-        depth=scene.p2v.depth, zpass_render=scene.p2v.zpass_render, output_dir=bpy.path.abspath(prefs.output_dir) if prefs and prefs.output_dir else "",
+        output_dir=bpy.path.abspath(prefs.output_dir) if prefs and prefs.output_dir else "",
         max_frames=prefs.max_frames if prefs is not None else 0, confirmed=confirmed)
 
 
@@ -54,7 +45,7 @@ def unavailable_reason(context) -> str | None:
     if kind not in ("image", "movie", "scene"):
         return f"'{strip.name}' is {compat.a_kind(kind)} strip; Pix2Video edits image, movie and scene strips"
     props = getattr(scene, "p2v", None)
-    if props is not None and props.depth == "ZPASS" and kind != "scene":
+    if props is not None and props.depth == "zpass" and kind != "scene":
         return f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip"
     return None
 
@@ -209,8 +200,7 @@ class P2V_OT_check_runtime(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        thread = _check["thread"]
-        if thread is not None and thread.is_alive():
+        if runtime_setup.check_running():
             cls.poll_message_set("A check is running")
             return False
         return True
@@ -222,10 +212,7 @@ class P2V_OT_check_runtime(bpy.types.Operator):
         except P2VAddonError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
-        _check["text"] = "Checking..."
-        thread = threading.Thread(target=_run_check, args=(config,), name="p2v-check", daemon=True)
-        _check["thread"] = thread
-        thread.start()
+        thread = runtime_setup.start_check(_run_check, config)
         _watch(lambda: not thread.is_alive())
         return {"FINISHED"}
 
@@ -237,13 +224,13 @@ def _run_check(config: runtime_process.RuntimeConfig) -> None:
             with client:
                 seconds = client.ping()
                 server = client.server_info.get("server", "p2v runtime")
-            _check["text"] = f"{server} at {config.host}:{config.port} answers ({seconds * 1000:.1f} ms)"
+            runtime_setup.set_check_text(f"{server} at {config.host}:{config.port} answers ({seconds * 1000:.1f} ms)")
         except P2VAddonError as exc:
-            _check["text"] = str(exc)
+            runtime_setup.set_check_text(str(exc))
         except Exception as exc:
-            _check["text"] = f"Check failed: {exc}"
+            runtime_setup.set_check_text(f"Check failed: {exc}")
         return
-    _check["text"] = runtime_process.describe_check(runtime_process.check_python(config.python))
+    runtime_setup.set_check_text(runtime_process.describe_check(runtime_process.check_python(config.python)))
 
 
 class P2V_OT_setup_runtime(bpy.types.Operator):
@@ -254,24 +241,22 @@ class P2V_OT_setup_runtime(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if _setup is not None and _setup.state == "running":
+        task = runtime_setup.current_task()
+        if task is not None and task.state == "running":
             cls.poll_message_set("The set-up is running")
             return False
         return True
 
     def execute(self, context):
-        global _setup
         prefs = preferences.addon_preferences(context)
         package = prefs.runtime_package.strip() if prefs is not None and prefs.runtime_package.strip() else \
             preferences.bundled_runtime_package()
         venv_dir = preferences.default_venv_dir()
         runtime_process.release()
-        task = runtime_process.SetupTask(
+        task = runtime_setup.start_task(runtime_setup.SetupTask(
             preferences.base_python(prefs), venv_dir, [package],
             torch_index_url=prefs.torch_index_url if prefs is not None else "",
-            log_path=os.path.join(preferences.log_dir(), "setup.log"))
-        _setup = task
-        task.start()
+            log_path=os.path.join(preferences.log_dir(), "setup.log")))
 
         def finished() -> bool:
             if task.state == "running":
@@ -281,7 +266,7 @@ class P2V_OT_setup_runtime(bpy.types.Operator):
                 if current is not None:
                     current.runtime_mode = "LOCAL"
                     current.python = task.python
-                _check["text"] = task.message
+                runtime_setup.set_check_text(task.message)
             return True
 
         _watch(finished)
@@ -296,8 +281,9 @@ class P2V_OT_cancel_setup(bpy.types.Operator):
     bl_label = "Cancel Set-Up"
 
     def execute(self, context):
-        if _setup is not None:
-            _setup.cancel()
+        task = runtime_setup.current_task()
+        if task is not None:
+            task.cancel()
         return {"FINISHED"}
 
 
@@ -330,7 +316,6 @@ def register() -> None:
 
 
 def unregister() -> None:
-    global _setup
     for tick in list(_watchers):
         if bpy.app.timers.is_registered(tick):
             bpy.app.timers.unregister(tick)
@@ -339,11 +324,7 @@ def unregister() -> None:
     if running is not None:
         running.cancel()
         running.wait(timeout=30)
-    if _setup is not None and _setup.state == "running":
-        _setup.cancel()
-        _setup.join(10)
-    _setup = None
-    _check["text"] = ""
+    runtime_setup.reset()
     runtime_process.release()
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

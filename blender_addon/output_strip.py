@@ -1,7 +1,8 @@
 """The new image strip that receives the edited frames, and the folder its PNGs live in.
 
 Placement: the first channel above the source that is free over the whole range the result will
-cover, starting at the source's first visible frame; it is checked before the job starts, so a
+cover, starting at the timeline frame of the first edited frame (the source's first visible frame,
+or later with a frame range); it is checked before the job starts, so a
 job never begins without a place to put its result. The strip is created when the first frame
 arrives and grows by one element per frame. A frame is written to disk (atomically) before the
 strip refers to it, so the strip never points to a missing or half-written file, and nothing the
@@ -70,9 +71,9 @@ def strip_occupies(strip, channel: int, start: int, end: int) -> bool:
     return strip.channel == channel and strip.frame_final_start < end and start < strip.frame_final_end
 
 
-def first_free_channel(editor, source, length: int) -> int:
+def first_free_channel(editor, source, start: int, length: int) -> int:
     """First channel above ``source`` with no top-level strip over the result's frames."""
-    start, end = source.frame_final_start, source.frame_final_start + length
+    end = start + length
     siblings = list(compat.strips(editor))
     for channel in range(source.channel + 1, compat.MAX_CHANNEL + 1):
         if not any(strip_occupies(strip, channel, start, end) for strip in siblings):
@@ -87,15 +88,15 @@ class OutputStrip:
     :meth:`write` runs on the worker thread (files only), :meth:`append` on the main thread (bpy).
     """
 
-    def __init__(self, scene, source, count: int, fallback_dir: str = ""):
+    def __init__(self, scene, source, frame_start: int, count: int, fallback_dir: str = ""):
         editor = scene.sequence_editor
         if compat.parent_meta(source) is not None:
             raise P2VAddonError(f"Strip '{source.name}' is inside a meta strip; edit it at the top level "
                                 "(ungroup the meta strip first)")
         self.scene = scene
         self.count = count
-        self.channel = first_free_channel(editor, source, count)
-        self.frame_start = source.frame_final_start
+        self.channel = first_free_channel(editor, source, frame_start, count)
+        self.frame_start = frame_start
         self.source_name = source.name
         blend_path = bpy.data.filepath
         root, self.relative = output_root(blend_path, fallback_dir)

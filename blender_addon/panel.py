@@ -4,7 +4,20 @@ from __future__ import annotations
 
 import bpy
 
-from . import compat, job as job_module, operators, preferences, runtime_process
+from . import compat, job as job_module, operators, preferences, properties, runtime_process
+from ._vendor import settings as schema
+
+
+def draw_settings(layout, props, advanced: bool) -> None:
+    """The scene's edit settings, in the schema's order; optional texts show what empty means."""
+    for f in properties.fields(schema.SCENE, advanced):
+        spec = schema.spec_of(f)
+        if spec.shown_when is not None and getattr(props, spec.shown_when[0]) != spec.shown_when[1]:
+            continue
+        if spec.empty and schema.kind_of(f) is str:
+            layout.prop(props, f.name, placeholder=spec.empty)
+        else:
+            layout.prop(props, f.name)
 
 
 class SEQUENCER_PT_p2v(bpy.types.Panel):
@@ -27,20 +40,7 @@ class SEQUENCER_PT_p2v(bpy.types.Panel):
 
         strip = compat.active_strip(scene)
         layout.label(text=f"Strip: {strip.name}" if strip is not None else "No active strip", icon="SEQUENCE")
-        layout.prop(props, "prompt")
-        layout.prop(props, "source_prompt", placeholder="caption of the first frame")
-
-        col = layout.column(align=True)
-        col.prop(props, "steps")
-        col.prop(props, "guidance")
-        col.prop(props, "seed")
-        col = layout.column()
-        col.prop(props, "injection")
-        col.prop(props, "update")
-        col.prop(props, "size")
-        col.prop(props, "depth")
-        if props.depth == "ZPASS":
-            col.prop(props, "zpass_render")
+        draw_settings(layout.column(), props, advanced=False)
 
         running = job_module.current_job()
         if running is None:
@@ -84,10 +84,7 @@ class SEQUENCER_PT_p2v_advanced(bpy.types.Panel):
         props = compat.sequencer_scene(context).p2v
         layout.use_property_split = True
         layout.use_property_decorate = False
-        layout.prop(props, "layers")
-        layout.prop(props, "update_delta")
-        layout.prop(props, "update_steps")
-        layout.prop(props, "depth_norm")
+        draw_settings(layout.column(), props, advanced=True)
 
 
 CLASSES = (SEQUENCER_PT_p2v, SEQUENCER_PT_p2v_advanced)

@@ -8,8 +8,8 @@ import sys
 import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 
-from . import compat, runtime_process
-from .settings_map import EDIT_DEFAULTS as D
+from . import compat, properties, runtime_process, runtime_setup
+from ._vendor import settings as schema
 
 PACKAGE = __package__
 VENV_FOLDER = "runtime-venv"
@@ -75,20 +75,6 @@ def runtime_config(prefs) -> runtime_process.RuntimeConfig:
     return runtime_process.RuntimeConfig(python=python, idle_timeout=float(prefs.idle_timeout), log_dir=log_dir())
 
 
-def preference_values(prefs) -> dict:
-    """Settings that come from the preferences (models, device), for ``settings_map.job_settings``."""
-    if prefs is None:
-        return {}
-    return {"model": prefs.model, "captioner": prefs.captioner, "device": prefs.device, "dtype": prefs.dtype,
-            "cache_dir": bpy.path.abspath(prefs.cache_dir) if prefs.cache_dir else ""}
-
-
-def _choices(name: str):
-    from .settings_map import CHOICES
-
-    return [(value, value, "") for value in CHOICES[name]]
-
-
 class P2VPreferences(bpy.types.AddonPreferences):
     bl_idname = PACKAGE
 
@@ -106,12 +92,7 @@ class P2VPreferences(bpy.types.AddonPreferences):
     token: StringProperty(name="Token", subtype="PASSWORD",
                           description="The runtime's token (or use a token file, or $P2V_TOKEN)")
     token_file: StringProperty(name="Token file", subtype="FILE_PATH")
-    model: StringProperty(name="Model", default=D["model"], description="Depth-conditioned SD 2: id or folder on the runtime's machine")
-    captioner: StringProperty(name="Captioner", default=D["captioner"], description="BLIP: id or folder on the runtime's machine")
-    device: EnumProperty(name="Device", items=_choices("device"), default=D["device"])
-    dtype: EnumProperty(name="Precision", items=_choices("dtype"), default=D["dtype"])
-    cache_dir: StringProperty(name="Inversion cache", subtype="DIR_PATH",
-                              description="Folder for cached inversions (empty: the runtime's user cache)")
+    # + the edit settings the schema keeps per user (models, device, ...): added below
     output_dir: StringProperty(name="Output for unsaved files", subtype="DIR_PATH",
                                description="Where edited frames go while the .blend is not saved (empty: the temp folder)")
     max_frames: IntProperty(name="Confirm above (frames)", default=500, min=1,
@@ -124,8 +105,6 @@ class P2VPreferences(bpy.types.AddonPreferences):
                                     description="What pip installs (empty: the runtime wheel shipped with the add-on)")
 
     def draw(self, context):
-        from . import operators
-
         layout = self.layout
         layout.use_property_split = True
         layout.prop(self, "runtime_mode", expand=True)
@@ -144,16 +123,13 @@ class P2VPreferences(bpy.types.AddonPreferences):
         row = box.row()
         row.operator("p2v.check_runtime", icon="CHECKMARK")
         row.operator("p2v.release_runtime", icon="X")
-        check = operators.check_state()
+        check = runtime_setup.check_text()
         if check:
             box.label(text=check, icon="INFO")
 
         col = layout.column(heading="Defaults")
-        col.prop(self, "model")
-        col.prop(self, "captioner")
-        col.prop(self, "device")
-        col.prop(self, "dtype")
-        col.prop(self, "cache_dir")
+        for f in properties.fields(schema.PREFERENCES):
+            col.prop(self, f.name)
         col.prop(self, "output_dir")
         col.prop(self, "max_frames")
 
@@ -162,7 +138,7 @@ class P2VPreferences(bpy.types.AddonPreferences):
         box.prop(self, "setup_python")
         box.prop(self, "torch_index_url")
         box.prop(self, "runtime_package")
-        task = operators.setup_task()
+        task = runtime_setup.current_task()
         if task is not None and task.state == "running":
             compat.layout_progress(box, task.progress, f"{task.stage} ({task.step + 1}/{task.steps})")
             box.operator("p2v.cancel_setup", icon="CANCEL")
@@ -180,6 +156,8 @@ class P2VPreferences(bpy.types.AddonPreferences):
 def base_python(prefs) -> str:
     return bpy.path.abspath(prefs.setup_python) if prefs is not None and prefs.setup_python else sys.executable
 
+
+P2VPreferences.__annotations__.update(properties.annotations(schema.PREFERENCES))
 
 CLASSES = (P2VPreferences,)
 register, unregister = bpy.utils.register_classes_factory(CLASSES)

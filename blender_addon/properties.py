@@ -1,80 +1,79 @@
-"""Per-scene edit settings (``scene.p2v``): saved in the .blend, settable from scripts."""
+"""The edit settings as Blender properties, built from the runtime's settings schema.
 
+Nothing here lists a setting by hand: ``_vendor/settings.py`` (a byte-for-byte copy of
+``p2v_runtime/settings.py``, written by scripts/build_addon.py) says which settings exist, their
+defaults, limits and labels, and whether Blender keeps them per scene (``scene.p2v``, saved in the
+.blend) or per user (the add-on preferences). The PropertyGroup is made with ``type(...)`` from
+that list, and the same schema validates the values before a job starts, so a bad value gets the
+same message in Blender, in ``p2v edit`` and in the headless script.
+"""
 
 import bpy
 from bpy.props import EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
-from .settings_map import EDIT_DEFAULTS as D
-from .settings_map import SCENE_FIELDS
-
-INJECTION_ITEMS = [
-    ("anchor+previous", "Anchor + previous", "Self-attention takes keys and values from the first and the previous frame (paper)"),
-    ("anchor", "Anchor", "Only from the first frame"),
-    ("previous", "Previous", "Only from the previous frame"),
-    ("none", "None", "No feature injection (plain per-frame depth-to-image)"),
-]
-UPDATE_ITEMS = [
-    ("x0", "x0 (closed form)", "Guided update towards the previous frame's prediction, closed form (official code)"),
-    ("autograd", "Autograd", "Guided update with the gradient through the UNet (slower)"),
-    ("off", "Off", "No guided update"),
-]
-LAYER_ITEMS = [
-    ("decoder", "Decoder", "Inject in the decoder's self-attention layers (paper)"),
-    ("all", "All", "Inject in every self-attention layer"),
-]
-DEPTH_NORM_ITEMS = [
-    ("clip", "Clip", "Normalise depth over the whole strip"),
-    ("frame", "Frame", "Normalise depth per frame (official code)"),
-]
-DEPTH_ITEMS = [
-    ("ESTIMATE", "Estimate", "Estimate depth from each frame with the model's depth estimator"),
-    ("ZPASS", "Z pass", "Render the scene strip's scene through its camera with the Z pass: its true depth"),
-]
-ZPASS_RENDER_ITEMS = [
-    ("PREVIEW", "Quick preview", "The scene's render engine with few samples (Cycles 8 without denoising, Eevee 4; "
-                                 "Workbench as set)"),
-    ("SCENE", "As the scene is set", "The scene's own render settings (slower)"),
-]
+from ._vendor import settings as schema
 
 
-class P2VSceneSettings(bpy.types.PropertyGroup):
-    """What the next edit of a strip in this scene does."""
-
-    prompt: StringProperty(name="Prompt", description="What the strip should become", default=D["prompt"])
-    source_prompt: StringProperty(
-        name="Source prompt", default="",
-        description="Describes the strip as it is; empty: a caption of its first frame")
-    steps: IntProperty(name="Steps", description="DDIM steps for inversion and edit", default=D["steps"], min=1, max=500)
-    guidance: FloatProperty(name="Guidance", description="Classifier-free guidance scale",
-                            default=D["guidance"], min=0.0, max=100.0, soft_max=20.0)
-    seed: IntProperty(name="Seed", default=D["seed"], min=0)
-    injection: EnumProperty(name="Injection", items=INJECTION_ITEMS, default=D["injection"],
-                            description="Where self-attention features come from")
-    layers: EnumProperty(name="Layers", items=LAYER_ITEMS, default=D["layers"],
-                         description="Which self-attention layers get the injected features")
-    update: EnumProperty(name="Update", items=UPDATE_ITEMS, default=D["update"],
-                         description="Guided latent update towards the previous frame")
-    update_delta: FloatProperty(name="Update step", default=D["update_delta"], min=0.0, max=1e7, soft_max=1000.0,
-                                description="Step size of the guided update (tuned for 512x512)")
-    update_steps: IntProperty(name="Update until", default=D["update_steps"], min=0, max=1000,
-                              description="Last step index of the guided update, counted on 50 steps")
-    size: IntProperty(name="Size", description="Long side of the working size (multiple of 64)",
-                      default=D["size"], min=64, max=4096, step=64)
-    depth_norm: EnumProperty(name="Depth normalisation", items=DEPTH_NORM_ITEMS, default=D["depth_norm"])
-    depth: EnumProperty(name="Depth", items=DEPTH_ITEMS, default="ESTIMATE",
-                        description="Where the depth that conditions the edit comes from")
-    zpass_render: EnumProperty(name="Render", items=ZPASS_RENDER_ITEMS, default="PREVIEW",
-                               description="How the scene strip is rendered for its Z pass (the user's scene is not changed)")
+def bpy_property(f):
+    """The bpy property for one schema field (enum, int, float or text)."""
+    spec = schema.spec_of(f)
+    common = {"name": spec.label, "description": spec.help[:1].upper() + spec.help[1:]}
+    if spec.choices:
+        items = [(c.value, c.label, c.help[:1].upper() + c.help[1:]) for c in spec.choices]
+        return EnumProperty(items=items, default=f.default, **common)
+    kind = schema.kind_of(f)
+    if kind is int:
+        limits = {k: int(v) for k, v in (("min", spec.low), ("max", spec.high), ("soft_max", spec.soft_high))
+                  if v is not None}
+        if spec.multiple_of:
+            limits["step"] = spec.multiple_of
+        return IntProperty(default=f.default, **limits, **common)
+    if kind is float:
+        limits = {k: float(v) for k, v in (("min", spec.low), ("max", spec.high), ("soft_max", spec.soft_high))
+                  if v is not None}
+        return FloatProperty(default=f.default, **limits, **common)
+    subtype = {"folder": "DIR_PATH"}.get(spec.path, "NONE")
+    return StringProperty(default=f.default or "", subtype=subtype, **common)
 
 
-def scene_values(props) -> dict:
-    """The fields of ``scene.p2v`` as plain values, for ``settings_map.job_settings``.
+def annotations(scope: str) -> dict:
+    """``{name: bpy property}`` for every setting the add-on keeps in ``scope`` (scene or preferences)."""
+    return {f.name: bpy_property(f) for f in schema.setting_fields() if schema.spec_of(f).blender == scope}
 
-    A function, not a method: a registered PropertyGroup class with Python methods makes the
-    bpy 4.2 module crash when the interpreter exits.
-    """
-    return {name: getattr(props, name) for name in SCENE_FIELDS}
 
+def fields(scope: str, advanced: bool | None = None) -> list:
+    """The schema fields kept in ``scope``, in schema order; ``advanced`` filters for the panel."""
+    return [f for f in schema.setting_fields() if schema.spec_of(f).blender == scope
+            and (advanced is None or schema.spec_of(f).advanced == advanced)]
+
+
+def values(props, scope: str) -> dict:
+    """The settings ``props`` holds as plain values (folders made absolute, "//" is the .blend's)."""
+    found = {}
+    for f in fields(scope):
+        value = getattr(props, f.name)
+        if schema.spec_of(f).path and value:
+            value = bpy.path.abspath(value)
+        found[f.name] = value
+    return found
+
+
+def job_settings(scene, prefs, overrides: dict | None = None):
+    """The validated settings of the next edit: schema defaults, the user's preferences, the scene's
+    values, then ``overrides`` (the headless script's options); raises ``schema.SettingsError``."""
+    merged = {}
+    if prefs is not None:
+        merged.update(values(prefs, schema.PREFERENCES))
+    if hasattr(scene, "p2v"):
+        merged.update(values(scene.p2v, schema.SCENE))
+    merged.update(overrides or {})
+    return schema.EditSettings.from_dict(merged)
+
+
+P2VSceneSettings = type("P2VSceneSettings", (bpy.types.PropertyGroup,), {
+    "__doc__": "What the next edit of a strip in this scene does",
+    "__annotations__": annotations(schema.SCENE),
+})
 
 CLASSES = (P2VSceneSettings,)
 

@@ -11,7 +11,7 @@ Colour: the copy renders with the *Standard* view transform, so the 8-bit frames
 Sequencer's sRGB pixels, and the edited frames, written back as sRGB PNGs, look like the source
 under whatever view transform the user's scene uses.
 
-Depth ``"ZPASS"`` (scene strips only): the copy's strip shows a temporary copy of the strip's scene
+Depth ``"zpass"`` (scene strips only): the copy's strip shows a temporary copy of the strip's scene
 instead, rendered at the Sequencer's size with the Z pass on; its compositor sends the view
 layer's Image on to the Sequencer and writes the Depth to a 32-bit float EXR (File Output node)
 during the same render. So RGB and Z come from one render of the frame the strip shows (the
@@ -34,9 +34,10 @@ import bpy
 
 from . import compat
 from .errors import P2VAddonError
-from .settings_map import ZPASS_RENDER_CHOICES as ZPASS_RENDERS  # quick preview / as the scene is set
+from ._vendor import settings as schema
 
-DEPTH_MODES = ("ESTIMATE", "ZPASS")
+DEPTH_MODES = schema.choice_values("depth")  # estimate, zpass
+ZPASS_RENDERS = schema.choice_values("zpass_render")  # quick preview, as the scene is set
 PREVIEW_SAMPLES = {"CYCLES": 8, "EEVEE": 4}  # quick preview: at most this many samples
 RENDER_RESULT = "Render Result"
 # Blender writes 1e10 for Z-pass pixels that see no surface (Cycles, Workbench): sent for every
@@ -46,7 +47,7 @@ BACKGROUND_Z = 1e10
 _BACKGROUND_FROM = 1e9
 
 
-def check_strip(scene, strip, depth: str = "ESTIMATE", zpass_render: str = "PREVIEW") -> None:
+def check_strip(scene, strip, depth: str = "estimate", zpass_render: str = "preview") -> None:
     """Raise :class:`P2VAddonError` unless ``strip`` can be edited; nothing is changed either way."""
     if strip is None:
         raise P2VAddonError("No active strip: click the image, movie or scene strip to edit in the Sequencer")
@@ -75,7 +76,7 @@ def check_strip(scene, strip, depth: str = "ESTIMATE", zpass_render: str = "PREV
             raise P2VAddonError(f"Scene '{shown.name}' of strip '{strip.name}' has no camera to render from")
     if depth not in DEPTH_MODES:
         raise P2VAddonError(f"Unknown depth mode {depth!r}; use one of {', '.join(DEPTH_MODES)}")
-    if depth == "ZPASS":
+    if depth == "zpass":
         if kind != "scene":
             raise P2VAddonError(f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip: use Depth 'Estimate'")
         check_zpass_strip(scene, strip, zpass_render)
@@ -190,13 +191,17 @@ def strip_ancestors(strip) -> list:
 class StripFrames:
     """Frame ``i`` of the strip as raw RGB bytes (top row first); bpy, so main thread only."""
 
-    def __init__(self, scene, strip, depth: str = "ESTIMATE", zpass_render: str = "PREVIEW"):
+    def __init__(self, scene, strip, depth: str = "estimate", zpass_render: str = "preview", frames: str = ""):
         check_strip(scene, strip, depth, zpass_render)
+        try:
+            chosen = schema.frame_range(frames, strip.frame_final_duration)
+        except schema.SettingsError as exc:
+            raise P2VAddonError(f"{exc} of strip '{strip.name}'") from None
         self.scene = scene
         self.strip_name = strip.name
         self.kind = compat.strip_kind(strip)
-        self.first_frame = strip.frame_final_start
-        self.count = strip.frame_final_duration
+        self.first_frame = strip.frame_final_start + chosen.start  # timeline frame of frame 0
+        self.count = len(chosen)
         self.width, self.height = compat.render_size(scene)
         if self.width < 1 or self.height < 1:
             raise P2VAddonError(f"Scene '{scene.name}' has a render size of {self.width}x{self.height}")
@@ -205,7 +210,7 @@ class StripFrames:
         self._copy = None
         self._folder = None
         self._had_render_result = True
-        self._zpass = ZPassScene(scene, strip, zpass_render) if depth == "ZPASS" else None
+        self._zpass = ZPassScene(scene, strip, zpass_render) if depth == "zpass" else None
         self._depth = None  # (index, float32 Z bytes) of the frame read last, with depth
 
     def __len__(self) -> int:
@@ -213,7 +218,7 @@ class StripFrames:
 
     @property
     def has_depth(self) -> bool:
-        return self.depth == "ZPASS"
+        return self.depth == "zpass"
 
     def open(self) -> None:
         """Make the temporary scene that renders this strip alone (with depth: showing its scene's copy)."""
@@ -341,12 +346,12 @@ class ZPassScene:
     size through its own compositor: the view layer's Image is the render result the Sequencer
     shows, and its Depth goes to a File Output node that writes a 32-bit float EXR each render.
 
-    ``quality``: ``"SCENE"`` renders as the scene is set; ``"PREVIEW"`` keeps the scene's engine
+    ``quality``: ``"scene"`` renders as the scene is set; ``"preview"`` keeps the scene's engine
     but caps its samples (:data:`PREVIEW_SAMPLES`, Cycles without denoising). Every engine Blender
     ships (Cycles, Eevee, Workbench) has a Z pass.
     """
 
-    def __init__(self, sequencer_scene, strip, quality: str = "PREVIEW"):
+    def __init__(self, sequencer_scene, strip, quality: str = "preview"):
         self.sequencer_scene = sequencer_scene
         self.strip_name = strip.name
         self.scene_name = strip.scene.name
@@ -380,7 +385,7 @@ class ZPassScene:
             other.use = other == layer
         layer.use_pass_combined = True
         layer.use_pass_z = True
-        if self.quality == "PREVIEW":
+        if self.quality == "preview":
             preview_samples(copy)
         tree, self.group = compat.new_compositor_tree(copy, f"P2V Z pass of {self.strip_name}")
         layers = tree.nodes.new("CompositorNodeRLayers")

@@ -15,7 +15,7 @@ pix2video            anchor+previous  x0         the full method (official code'
 autograd-update      anchor+previous  autograd   the update taken through the UNet instead
 ===================  ===============  =========  ==============================================
 
-Every variant uses the same seed, prompts and settings otherwise. Inversion does not depend on
+Every variant uses the same prompts and settings otherwise. Inversion does not depend on
 injection or update, so all variants share one inversion cache and one source prompt (the first
 variant's caption, when none is given): only the first variant inverts, the others hit the cache.
 
@@ -38,9 +38,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from . import settings as settings_module
 from .errors import InputError
 
 EXIT_INTERRUPTED = 130
+VARIANT_SETTINGS = ("injection", "update")  # each variant sets these
 
 
 @dataclass(frozen=True)
@@ -144,7 +146,7 @@ def run_ablation(
         "source_prompt": source_prompt,
         "clip_model": clip_model,
         "flow": flow,
-        "settings": {k: v for k, v in settings.to_dict().items() if k not in ("injection", "update", "extra")},
+        "settings": {k: v for k, v in settings.to_wire().items() if k not in VARIANT_SETTINGS},
         "variants": rows,
     }
     write_reports(out_dir, report, frames, columns)
@@ -189,7 +191,7 @@ def markdown_table(report: dict) -> str:
         "",
         f"Prompt: \"{report['prompt']}\"; source prompt: \"{report['source_prompt']}\"; "
         f"{report['frames']} frame(s) at {report['size'][0]}x{report['size'][1]}; "
-        f"steps {report['settings']['steps']}, size {report['settings']['size']}, seed {report['settings']['seed']}; "
+        f"steps {report['settings']['steps']}, size {report['settings']['size']}; "
         f"CLIP {report['clip_model']}; flow {report['flow']}.",
         "",
         "| variant | injection | update | CLIP-Text | CLIP-Image | Pixel-MSE | s/frame | cached inversions |",
@@ -307,15 +309,14 @@ def pixel_mse_plot(report: dict, path: Path) -> Path:
 
 
 def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
-    from .cli import add_edit_arguments
     from .metrics import DEFAULT_CLIP_MODEL, DEFAULT_FLOW, FLOW_METHODS
 
     parser.add_argument("input", help="folder of frames or a video file")
     parser.add_argument("--out", required=True, help="folder for the variants' frames and the reports")
-    add_edit_arguments(parser)
-    # Each variant sets these two; a value given on the command line would be ignored, so refuse it.
-    parser.set_defaults(injection=None, update=None)
-    parser.add_argument("--frames", metavar="A:B", help="edit frames A..B-1 only (0-based)")
+    settings_module.add_arguments(parser, "cli", exclude=VARIANT_SETTINGS,
+                                  default_note="injection and update are set per variant")
+    for name in VARIANT_SETTINGS:  # taken only to be refused with a reason
+        parser.add_argument(settings_module.flag(name), dest=name, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--depth", metavar="DIR", help="Z pass per frame (EXR or .npy) instead of estimated depth")
     parser.add_argument("--variants", metavar="LIST",
                         help=f"comma-separated subset of {','.join(VARIANT_NAMES)} (default: all)")
@@ -327,20 +328,20 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def ablate_main(args: argparse.Namespace) -> int:
-    from .cli import ProgressBars, settings_from_args
     from .frames import open_depth, open_frames
+    from .progress import ProgressBars
 
-    for option in ("injection", "update"):
-        if getattr(args, option) is not None:
-            raise InputError(f"p2v ablate sets --{option} per variant; leave it out (choose variants with --variants)")
-    args.injection, args.update = "anchor+previous", "x0"
-    settings = settings_from_args(args)
+    for name in VARIANT_SETTINGS:
+        if getattr(args, name) is not None:
+            raise InputError(f"p2v ablate sets {settings_module.flag(name)} per variant; leave it out "
+                             "(choose variants with --variants)")
+    settings = settings_module.from_arguments(args, "cli", exclude=VARIANT_SETTINGS)
     variants = variants_named(args.variants)
     if args.columns < 1:
         raise InputError(f"--columns must be at least 1, got {args.columns}")
-    frames = open_frames(args.input, args.frames)
+    frames = open_frames(args.input, settings.frames)
     out_dir = _checked_output_dir(args, variants)
-    depth = open_depth(args.depth, len(frames), frames.size, args.frames) if args.depth else None
+    depth = open_depth(args.depth, len(frames), frames.size, settings.frames) if args.depth else None
     log = (lambda line: None) if args.quiet else (lambda line: print(f"p2v: {line}", file=sys.stderr))
     progress_for = None if args.quiet else (lambda variant: ProgressBars(steps=settings.steps))
     try:

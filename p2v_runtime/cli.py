@@ -14,8 +14,8 @@ import threading
 from pathlib import Path
 
 from . import settings as settings_module
-from .errors import EditCancelled, P2VError
-from .settings import EditSettings
+from .errors import USER_ERRORS, EditCancelled
+from .progress import ProgressBars
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -34,20 +34,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.handler(args)
-    except P2VError as exc:
+    except USER_ERRORS as exc:
         print(f"p2v: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2v", description="Pix2Video video editing (ICCV 2023) runtime")
-    commands = parser.add_subparsers(title="commands")
+    parser = argparse.ArgumentParser(prog="p2v", description="Pix2Video video editing (ICCV 2023) runtime",
+                                     allow_abbrev=False)
+    # No abbreviated options: --update would silently mean --update-delta once a setting is added.
+    commands = parser.add_subparsers(title="commands", parser_class=_Parser)
 
     edit = commands.add_parser("edit", help="edit a clip (folder of images or a video file)")
     edit.add_argument("input", help="folder of frames (png/jpg/...) or a video file")
     edit.add_argument("--out", required=True, help="folder for the edited frames 000000.png, ...")
-    add_edit_arguments(edit)
-    edit.add_argument("--frames", metavar="A:B", help="edit frames A..B-1 only (0-based)")
+    settings_module.add_arguments(edit, "cli")
     edit.add_argument("--depth", metavar="DIR", help="Z pass per frame (EXR or .npy) instead of estimated depth")
     edit.add_argument("--save-depth", metavar="DIR", help="write the normalised depth actually used (16-bit PNG)")
     edit.add_argument("--stats", metavar="FILE", help="write the edit's statistics as JSON")
@@ -92,61 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_edit_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of one edit; shared by ``p2v edit`` and the benchmark scripts."""
-    d = EditSettings()
-    parser.add_argument("--prompt", required=True, help="what the clip should become")
-    parser.add_argument("--source-prompt", help="describes the input (default: BLIP caption of frame 1)")
-    parser.add_argument("--model", default=d.model, help=f"id or folder (default {d.model})")
-    parser.add_argument("--captioner", default=d.captioner, help=f"id or folder (default {d.captioner})")
-    parser.add_argument("--device", default=d.device, choices=settings_module.DEVICES)
-    parser.add_argument("--dtype", default=d.dtype, choices=settings_module.DTYPES)
-    parser.add_argument("--steps", type=int, default=d.steps)
-    parser.add_argument("--guidance", type=float, default=d.guidance)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--injection", default=d.injection, choices=settings_module.INJECTION_MODES)
-    parser.add_argument("--layers", default=d.layers, choices=settings_module.LAYER_SETS)
-    parser.add_argument("--update", default=d.update, choices=settings_module.UPDATE_MODES)
-    parser.add_argument("--update-delta", type=float, default=d.update_delta)
-    parser.add_argument("--update-steps", type=int, default=d.update_steps,
-                        help="last step index of the guided update, counted on 50 steps (scaled with --steps)")
-    parser.add_argument("--size", type=int, default=d.size, help="long side of the working size (multiple of 64)")
-    parser.add_argument("--depth-norm", default=d.depth_norm, choices=settings_module.DEPTH_NORMS)
-    parser.add_argument("--cache-dir", help="inversion cache folder (default: the user cache folder)")
-
-
-def settings_from_args(args: argparse.Namespace) -> EditSettings:
-    return EditSettings(
-        prompt=args.prompt,
-        source_prompt=args.source_prompt,
-        model=args.model,
-        captioner=args.captioner,
-        device=args.device,
-        dtype=args.dtype,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        injection=args.injection,
-        layers=args.layers,
-        update=args.update,
-        update_delta=args.update_delta,
-        update_steps=args.update_steps,
-        size=args.size,
-        depth_norm=args.depth_norm,
-        cache_dir=args.cache_dir,
-    ).validate()
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
 
 def edit_main(args: argparse.Namespace) -> int:
     from .errors import InputError
     from .frames import open_depth, open_frames, write_frame
 
-    settings = settings_from_args(args)
+    settings = settings_module.from_arguments(args, "cli")
     if args.server and args.save_depth:
         raise InputError("--save-depth writes on the machine that edits; it is not available with --server")
-    frames = open_frames(args.input, args.frames)
+    frames = open_frames(args.input, settings.frames)
     out_dir = _checked_output_dir(args, frames)
-    depth = open_depth(args.depth, len(frames), frames.size, args.frames) if args.depth else None
+    depth = open_depth(args.depth, len(frames), frames.size, settings.frames) if args.depth else None
     progress = ProgressBars(enabled=not args.quiet, steps=settings.steps)
     cancel = threading.Event()
     written = 0
@@ -178,7 +140,7 @@ def edit_main(args: argparse.Namespace) -> int:
         progress.close()
         print(f"p2v: cancelled; {written} frame(s) kept in {out_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except P2VError as exc:
+    except USER_ERRORS as exc:
         progress.close()
         kept = f" ({written} frame(s) kept in {out_dir})" if written else ""
         print(f"p2v: error: {exc}{kept}", file=sys.stderr)
@@ -215,60 +177,6 @@ def _checked_output_dir(args: argparse.Namespace, frames) -> Path:
     if out_dir.is_dir() and not os.access(out_dir, os.W_OK):
         raise InputError(f"--out {args.out} is not writable")
     return out_dir
-
-
-class ProgressBars:
-    """Progress on stderr: a tqdm bar per stage on a terminal, plain lines in logs.
-
-    Inversion and edit alternate per frame, so each stage keeps its own bar. When stderr is not
-    a terminal (a farm log, a pipe), bars would be noise: one line per stage start and per
-    finished frame instead.
-    """
-
-    def __init__(self, enabled: bool = True, steps: int = 1):
-        self.enabled = enabled
-        self.steps = steps
-        self.interactive = sys.stderr.isatty()
-        self.bars: dict = {}
-        self.printed: dict = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if not self.enabled:
-            return
-        if not self.interactive:
-            self._line(stage, done, total)
-            return
-        from tqdm import tqdm
-
-        bar = self.bars.get(stage)
-        if bar is None:
-            unit = "step" if stage in ("inversion", "edit") else "it"
-            bar = tqdm(total=total, desc=f"{stage:>9}", unit=unit, file=sys.stderr, position=len(self.bars),
-                       dynamic_ncols=True)
-            self.bars[stage] = bar
-        bar.n = done
-        bar.refresh()
-
-    def _line(self, stage: str, done: int, total: int) -> None:
-        per_frame = self.steps if stage in ("inversion", "edit") else 1
-        if done % per_frame:
-            return
-        finished = done // per_frame
-        if self.printed.get(stage) == finished:
-            return
-        self.printed[stage] = finished
-        if finished == 0:
-            print(f"p2v: {stage}...", file=sys.stderr, flush=True)
-        elif stage in ("depth", "inversion", "edit"):
-            print(f"p2v: {stage} {finished}/{total // per_frame} frames", file=sys.stderr, flush=True)
-
-    def warn(self, message: str) -> None:
-        print(f"p2v: warning: {message}", file=sys.stderr)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
-        self.bars = {}
 
 
 def make_tiny_models_main(args: argparse.Namespace) -> int:

@@ -136,7 +136,6 @@ class _ClipEditor:
         from .inversion import InversionCache, default_cache_dir
         from .models import dtype_name, load_depth_pipeline
 
-        torch.manual_seed(self.settings.seed)
         self.report("load", 0, 1)
         self.pipeline, loaded = load_depth_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
         if loaded:
@@ -236,12 +235,12 @@ class _ClipEditor:
         return caption
 
     def _embed(self, prompt: str, guided: bool):
-        """Text embeddings; guided ones are [unconditional (empty prompt), conditional]."""
+        """Text embeddings; guided ones are [unconditional (the negative prompt), conditional]."""
         import torch
 
         with torch.no_grad():
             positive, negative = self.pipeline.pipe.encode_prompt(
-                prompt, self.pipeline.device, 1, guided, negative_prompt="" if guided else None
+                prompt, self.pipeline.device, 1, guided, negative_prompt=self.settings.negative_prompt if guided else None
             )
         return torch.cat([negative, positive]) if guided else positive
 

@@ -1,5 +1,7 @@
 """The errors a user can act on. Each carries a one-line message; front ends print it as is."""
 
+from .settings import SettingsError
+
 
 class P2VError(Exception):
     """Base class: an edit could not be done, for a reason the message states."""
@@ -23,3 +25,8 @@ class EditCancelled(P2VError):
     def __init__(self, frames_done: int):
         super().__init__(f"cancelled after {frames_done} frame(s)")
         self.frames_done = frames_done
+
+
+# What front ends report as one line (settings.py is standard library only, vendored into the
+# Blender add-on, so its SettingsError cannot derive from P2VError).
+USER_ERRORS = (P2VError, SettingsError)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
+from . import settings
 from .errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,28 +49,11 @@ _FFMPEG_VIDEO_ONLY = ["-an", "-sn", "-dn", "-fps_mode", "passthrough"]
 
 
 def parse_frame_range(spec: str | None, count: int) -> range:
-    """The frames ``--frames A:B`` selects from a clip of ``count`` frames (0-based, B exclusive).
-
-    Either side may be left out (``"5:"``, ``":10"``, ``":"``); ``None`` or ``""`` is the whole
-    clip. Negative numbers are refused rather than counted from the end: a render-farm job
-    that says ``-3:`` is more likely a typo than a wish.
-    """
-    if spec is None or not str(spec).strip():
-        return range(0, count)
-    text = str(spec).strip()
-    match = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
-    if not match:
-        raise InputError(
-            f"--frames {text!r} is not a range: use START:END, 0-based with END excluded, "
-            f"e.g. 0:24, 10: or :48 (the clip has {count} frames)"
-        )
-    start = int(match.group(1)) if match.group(1) else 0
-    stop = int(match.group(2)) if match.group(2) else count
-    if stop > count:
-        raise InputError(f"--frames {text} ends past the clip: it has {count} frames (0..{count - 1})")
-    if start >= stop:
-        raise InputError(f"--frames {text} selects no frames (the clip has {count} frames)")
-    return range(start, stop)
+    """The frames ``--frames A:B`` selects from a clip of ``count`` frames (the schema's rule)."""
+    try:
+        return settings.frame_range(spec, count)
+    except settings.SettingsError as exc:
+        raise InputError(str(exc)) from None
 
 
 def working_size(width: int, height: int, long_side: int) -> tuple[int, int]:

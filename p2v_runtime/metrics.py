@@ -498,7 +498,7 @@ def format_table(metrics: ClipMetrics) -> str:
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    from .settings import DEVICES
+    from .settings import choice_values
 
     parser.add_argument("--source", required=True, help="the input clip: folder of frames or a video file")
     parser.add_argument("--edited", required=True, help="the edited clip: folder of frames or a video file")
@@ -507,7 +507,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flow", default=DEFAULT_FLOW, choices=FLOW_METHODS,
                         help="optical flow for Pixel-MSE: OpenCV dis (default) or farneback, or raft (torchvision)")
     parser.add_argument("--frames", metavar="A:B", help="compare with source frames A..B-1 (as given to p2v edit)")
-    parser.add_argument("--device", default="auto", choices=DEVICES)
+    parser.add_argument("--device", default="auto", choices=choice_values("device"))
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON ('-': to stdout, no table)")
 
 

@@ -83,7 +83,7 @@ def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None,
     backpressure. ``extra["echo_fail_at"] = k`` raises ``InputError`` instead of frame k;
     ``extra["echo_warn"]`` is sent as a warning first.
     """
-    extra = settings.extra if isinstance(settings.extra, dict) else {}
+    extra = getattr(settings, "extra", None) or {}  # (the echo parameters move off the wire next)
     delay = min(max(_number(extra.get("echo_delay"), 0.0), 0.0), 1.0)
     steps = int(min(max(_number(extra.get("echo_steps"), 1), 1), 1000))
     fail_at = extra.get("echo_fail_at")

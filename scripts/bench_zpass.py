@@ -104,9 +104,9 @@ def render_side(out: Path, size: int, frames: int, samples: int) -> None:
             reader.close()
         rows.append({"label": label, "seconds": seconds, "engine": shot.render.engine})
 
-    timed(f"Z pass, quick preview (Cycles, 8 samples)", "ZPASS", "PREVIEW", keep=True)
-    timed(f"Z pass, as the scene is set (Cycles, {samples} samples)", "ZPASS", "SCENE")
-    timed(f"RGB only via the Sequencer (Estimate), as set", "ESTIMATE", "PREVIEW")
+    timed(f"Z pass, quick preview (Cycles, 8 samples)", "zpass", "preview", keep=True)
+    timed(f"Z pass, as the scene is set (Cycles, {samples} samples)", "zpass", "scene")
+    timed(f"RGB only via the Sequencer (Estimate), as set", "estimate", "preview")
     for label, names in (("Workbench", ("BLENDER_WORKBENCH",)), ("Eevee", compat.EEVEE_ENGINES)):
         for name in names:
             try:
@@ -117,7 +117,7 @@ def render_side(out: Path, size: int, frames: int, samples: int) -> None:
         else:
             continue
         try:
-            timed(f"Z pass, quick preview ({label}{', 4 samples' if label == 'Eevee' else ''})", "ZPASS", "PREVIEW")
+            timed(f"Z pass, quick preview ({label}{', 4 samples' if label == 'Eevee' else ''})", "zpass", "preview")
         except Exception as exc:  # no OpenGL here: Workbench and Eevee need it even in background
             rows.append({"label": f"Z pass, {label}", "error": str(exc).splitlines()[0]})
         shot.render.engine = "CYCLES"

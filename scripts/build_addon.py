@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
-"""Build the Blender add-on: vendor the wire protocol and client, package the extension.
+"""Build the Blender add-on: vendor the settings schema, wire protocol and client, package it.
 
     python scripts/build_addon.py                 # dist/pix2video-<version>.zip (extension)
                                                   # dist/pix2video-<version>-legacy.zip (add-on folder)
     python scripts/build_addon.py --vendor-only   # just refresh blender_addon/_vendor/
 
-The protocol and the client have one source, ``p2v_runtime/protocol.py`` and ``client.py``; the
-add-on runs in Blender's own Python, where ``p2v_runtime`` is not installed, so this script copies
-them byte for byte into ``blender_addon/_vendor/`` (git-ignored; tests call :func:`vendor` too and
+The settings schema, the protocol and the client have one source each, ``p2v_runtime/settings.py``,
+``protocol.py`` and ``client.py`` (standard library only); the add-on runs in Blender's own Python,
+where ``p2v_runtime`` is not installed, so this script copies them byte for byte into ``blender_addon/_vendor/`` (git-ignored; tests call :func:`vendor` too and
 fail when a copy differs). The packages also carry a wheel of the runtime (pure Python, built here
 without network or build tools) that the add-on's "Set up runtime" button installs into the
 runtime's own virtual environment, never into Blender's Python.
@@ -31,8 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ADDON_DIR = REPO / "blender_addon"
 RUNTIME_DIR = REPO / "p2v_runtime"
-VENDORED = ("protocol.py", "client.py")
-VENDOR_INIT = '''"""Copies of p2v_runtime/protocol.py and client.py, written by scripts/build_addon.py.
+VENDORED = ("settings.py", "protocol.py", "client.py")
+VENDOR_INIT = '''"""Copies of p2v_runtime/settings.py, protocol.py and client.py, written by scripts/build_addon.py.
 
 Do not edit: change the originals in p2v_runtime/ and run the build script again.
 """

@@ -1,18 +1,22 @@
 """Edit one strip of a .blend with Pix2Video, without Blender's UI.
 
-    blender -b file.blend --python scripts/p2v_blender.py -- --strip NAME --prompt "..." [options]
-    python scripts/p2v_blender.py --blend file.blend --strip NAME --prompt "..." [options]
+    blender -b file.blend --python scripts/p2v_blender.py -- --strip NAME [--prompt "..."] [options]
+    python scripts/p2v_blender.py --blend file.blend --strip NAME [--prompt "..."] [options]
 
 The second form needs a Python with the ``bpy`` module (``pip install bpy``). Both run the
 add-on's own job code (the enabled Pix2Video add-on when Blender has one, else the copy in this
 checkout): the strip's frames go to the runtime, the edited frames into a new image strip above
-it, exactly as with the Edit Strip button. Prints progress lines on stdout; exits 0 only when
-every frame arrived, else non-zero with one line ``p2v_blender: error: ...`` on stderr
-(1: the edit failed or was refused, 2: bad arguments, 130: cancelled). ``--save`` saves the .blend
-with the new strip.
+it, exactly as with the Edit Strip button. Prints progress lines on stdout.
 
-Settings: the scene's Pix2Video settings when the .blend has them, the runtime's defaults
-otherwise; any option given here wins. The runtime is started with ``--runtime-python`` (default:
+Exit status: 0 when every frame arrived; 1 when the edit failed or was refused (one line
+``p2v_blender: error: ...`` on stderr says why; frames already edited stay as a shorter strip);
+2 for bad arguments or settings; 130 when cancelled (Ctrl+C). ``--save`` saves the .blend with
+the new strip.
+
+Settings: the edit settings are the same as ``p2v edit``'s (generated from the one settings
+schema, ``p2v_runtime/settings.py``), plus ``--depth estimate|zpass`` and ``--zpass-render``;
+each option given here wins over the scene's saved Pix2Video settings, which win over the
+add-on preferences and the defaults. The runtime is started with ``--runtime-python`` (default:
 ``$P2V_RUNTIME_PYTHON``, the add-on's preference, its set-up venv, or this Python), or reached at
 ``--server HOST:PORT`` with the token from ``--token-file`` or ``$P2V_TOKEN``.
 """
@@ -21,33 +25,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from p2v_runtime import settings as schema  # noqa: E402 - standard library only, like the add-on's copy
+
 PROG = "p2v_blender"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
-
-# p2v edit's options (same names and meaning); None: the scene's value or the runtime's default.
-_EDIT_OPTIONS = (
-    ("--source-prompt", str, "describes the strip as it is (default: caption of its first frame)"),
-    ("--model", str, "depth-conditioned SD 2: id or folder on the runtime's machine"),
-    ("--captioner", str, "BLIP: id or folder on the runtime's machine"),
-    ("--device", str, "auto, cuda, mps or cpu"),
-    ("--dtype", str, "auto, fp16 or fp32"),
-    ("--steps", int, "DDIM steps"),
-    ("--guidance", float, "classifier-free guidance scale"),
-    ("--seed", int, "seed"),
-    ("--injection", str, "anchor+previous, anchor, previous or none"),
-    ("--layers", str, "decoder or all"),
-    ("--update", str, "x0, autograd or off"),
-    ("--update-delta", float, "step size of the guided update"),
-    ("--update-steps", int, "last step index of the guided update, counted on 50 steps"),
-    ("--size", int, "long side of the working size (multiple of 64)"),
-    ("--depth-norm", str, "clip or frame"),
-    ("--cache-dir", str, "inversion cache folder on the runtime's machine"),
-)
 
 
 class UsageError(Exception):
@@ -60,19 +49,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Edit one strip of a .blend with Pix2Video.")
+    parser = _Parser(prog=PROG, description="Edit one strip of a .blend with Pix2Video.", allow_abbrev=False)
     parser.add_argument("--blend", help="the .blend to open (needed when run by plain Python with bpy)")
     parser.add_argument("--strip", required=True, help="name of the image, movie or scene strip to edit")
     parser.add_argument("--scene", help="scene that holds the strip (default: the file's current scene)")
-    parser.add_argument("--prompt", required=True, help="what the strip should become")
-    for flag, kind, text in _EDIT_OPTIONS:
-        parser.add_argument(flag, type=kind, default=None, help=text)
-    parser.add_argument("--depth", choices=("estimate", "zpass"), default=None,
-                        help="estimate depth from the frames, or render the Z pass of a scene strip")
-    parser.add_argument("--zpass-render", choices=("preview", "scene"), default=None,
-                        help="with --depth zpass: the scene's engine with few samples (preview), or as the scene "
-                             "is set (scene); default: the scene's Pix2Video setting, else preview")
+    schema.add_arguments(parser, "blender", default_note="default: the scene's Pix2Video settings, then the "
+                                                         "add-on preferences, then the values shown")
     parser.add_argument("--save", action="store_true", help="save the .blend with the new strip")
+    parser.add_argument("--stats", metavar="FILE", help="write the edit's statistics as JSON")
     parser.add_argument("--runtime-python", help="Python that has p2v_runtime (starts a local runtime)")
     parser.add_argument("--server", metavar="HOST:PORT", help="use a running `p2v serve` instead")
     parser.add_argument("--token-file", help="file with the --server token (default: $P2V_TOKEN)")
@@ -124,7 +108,8 @@ def fail(text: str, code: int = EXIT_FAILED) -> int:
 def run(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(script_arguments(argv))
-    except UsageError as exc:
+        given = schema.given_values(args, "blender")  # typed values, checked by the schema
+    except (UsageError, schema.SettingsError) as exc:
         return fail(exc, EXIT_USAGE)
     try:
         import bpy
@@ -149,21 +134,19 @@ def run(argv: list[str]) -> int:
     if not enabled and not hasattr(bpy.types.Scene, "p2v"):
         addon.register()  # scene settings saved in the .blend become readable
         registered = True
-    job_module = importlib.import_module(f"{addon.__name__}.job")
-    errors = importlib.import_module(f"{addon.__name__}.errors")
-    compat = importlib.import_module(f"{addon.__name__}.compat")
-    settings_map = importlib.import_module(f"{addon.__name__}.settings_map")
-    preferences = importlib.import_module(f"{addon.__name__}.preferences")
-    runtime_process = importlib.import_module(f"{addon.__name__}.runtime_process")
+    modules = {name: importlib.import_module(f"{addon.__name__}.{name}")
+               for name in ("job", "errors", "compat", "preferences", "properties", "runtime_process")}
     try:
-        return _edit(args, bpy, job_module, errors, compat, settings_map, preferences, runtime_process, enabled)
+        return _edit(args, given, bpy, modules, enabled)
     finally:
-        runtime_process.release()
+        modules["runtime_process"].release()
         if registered:
             addon.unregister()
 
 
-def _edit(args, bpy, job_module, errors, compat, settings_map, preferences, runtime_process, enabled) -> int:
+def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
+    compat, errors, preferences = modules["compat"], modules["errors"], modules["preferences"]
+    runtime_process = modules["runtime_process"]
     scene = bpy.data.scenes.get(args.scene) if args.scene else bpy.context.scene
     if scene is None:
         return fail(f"no scene named {args.scene!r} in {bpy.data.filepath or 'the file'}")
@@ -174,33 +157,23 @@ def _edit(args, bpy, job_module, errors, compat, settings_map, preferences, runt
         return fail(f"scene '{scene.name}' has no strip named {args.strip!r}" + (f" (it has: {names})" if names else ""))
 
     prefs = preferences.addon_preferences() if enabled else None
-    properties = importlib.import_module(f"{preferences.__package__}.properties")
-    scene_values = properties.scene_values(scene.p2v) if hasattr(scene, "p2v") else {}
-    overrides = {"prompt": args.prompt}
-    for flag, _, _ in _EDIT_OPTIONS:
-        name = flag[2:].replace("-", "_")
-        overrides[name] = getattr(args, name)
-    for name, allowed in settings_map.CHOICES.items():
-        value = overrides.get(name)
-        if value is not None and value not in allowed:
-            return fail(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}; got {value!r}", EXIT_USAGE)
-    settings = settings_map.job_settings(scene_values, preferences.preference_values(prefs), overrides)
-    depth = args.depth.upper() if args.depth else (scene.p2v.depth if hasattr(scene, "p2v") else "ESTIMATE")
-    zpass_render = args.zpass_render.upper() if args.zpass_render else (
-        scene.p2v.zpass_render if hasattr(scene, "p2v") else "PREVIEW")
-
+    properties = modules["properties"]
+    try:
+        settings = properties.job_settings(scene, prefs, given)
+    except properties.schema.SettingsError as exc:
+        return fail(exc, EXIT_USAGE)
     try:
         runtime = _runtime_config(args, prefs, preferences, runtime_process)
     except errors.P2VAddonError as exc:
         return fail(exc, EXIT_USAGE)
     output_dir = args.output_dir or (bpy.path.abspath(prefs.output_dir) if prefs is not None and prefs.output_dir else "")
-    job = job_module.EditJob(scene, strip, settings, runtime, depth=depth, zpass_render=zpass_render, output_dir=output_dir,
-                             max_frames=max(0, args.max_frames))
+    job = modules["job"].EditJob(scene, strip, settings, runtime, output_dir=output_dir,
+                                 max_frames=max(0, args.max_frames))
     try:
         job.start()
     except errors.P2VAddonError as exc:
         return fail(exc)
-    with_depth = f", depth: Z pass ({zpass_render.lower()})" if depth == "ZPASS" else ""
+    with_depth = f", depth: Z pass ({settings.zpass_render})" if settings.depth == "zpass" else ""
     say(f"editing {job.total} frame(s) of strip '{strip.name}' at {job.frames.width}x{job.frames.height} "
         f"on {runtime.describe()}{with_depth}", args.quiet)
 
@@ -223,10 +196,22 @@ def _edit(args, bpy, job_module, errors, compat, settings_map, preferences, runt
     if job.frames_done and args.save:
         bpy.ops.wm.save_mainfile()
         say(f"saved {bpy.data.filepath}", args.quiet)
+    if args.stats and job.stats:
+        write_stats(args.stats, job.stats)
     if state == "done":
         say(job.message, args.quiet)
         return EXIT_OK
     return fail(job.message, EXIT_CANCELLED if state == "cancelled" else EXIT_FAILED)
+
+
+def write_stats(path: str, stats: dict) -> None:
+    """The job's statistics as JSON, written whole or not at all."""
+    path = os.path.abspath(path)
+    temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(temp, "w", encoding="utf-8") as handle:
+        json.dump(stats, handle, indent=2)
+        handle.write("\n")
+    os.replace(temp, path)
 
 
 def _runtime_config(args, prefs, preferences, runtime_process):

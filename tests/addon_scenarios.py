@@ -245,11 +245,18 @@ def runtime(**overrides):
     return rp.RuntimeConfig(**values)
 
 
-def make_job(strip_name: str, settings_values=None, runtime_config=None, **kwargs):
+def edit_settings(values: dict, **job_values):
+    """The add-on's (vendored) EditSettings, not validated: EditJob.start validates, as in use."""
+    return mod("_vendor.settings").EditSettings(**{**values, **job_values})
+
+
+def make_job(strip_name: str, settings_values=None, runtime_config=None, *, depth="estimate", zpass_render="preview",
+             frames="", **kwargs):
     job_module = mod("job")
     scene = bpy.data.scenes["Edit"]
     strip = mod("compat").all_strips(scene.sequence_editor).get(strip_name) if strip_name else None
-    return job_module.EditJob(scene, strip, settings_values or settings(), runtime_config or runtime(), **kwargs)
+    values = edit_settings(settings_values or settings(), depth=depth, zpass_render=zpass_render, frames=frames)
+    return job_module.EditJob(scene, strip, values, runtime_config or runtime(), **kwargs)
 
 
 def run_job(job, *, on_frame=None, timeout=240.0) -> dict:
@@ -441,7 +448,7 @@ def scenario_unsaved_file():
         scene.render.resolution_x, scene.render.resolution_y = 80, 48
         editor = scene.sequence_editor_create()
         strip = compat.strips(editor).new_image("still", os.path.join(CONFIG["media"], "imgs", "f000.png"), 1, 1)
-        job = mod("job").EditJob(scene, strip, settings(), runtime(serve_args=("--job-runner", "echo")),
+        job = mod("job").EditJob(scene, strip, edit_settings(settings()), runtime(serve_args=("--job-runner", "echo")),
                                  output_dir=out_dir)
         result = run_job(job)
         new = job.output.strip()
@@ -544,6 +551,50 @@ def scenario_panel_draw():
     prefs_mod.P2VPreferences.draw(fake, bpy.context)
     return {"idle": idle, "advanced": advanced, "running": running, "preferences": local,
             "preferences_remote": fake.layout.log}
+
+
+def scenario_schema_walk():
+    """Every setting the schema gives Blender: where it lives, its bpy default and limits, and what
+    the add-on says for the bad values the test sends (set on the property when Blender keeps the
+    value as given, else as a headless override)."""
+    schema = mod("_vendor.settings")
+    properties = mod("properties")
+    prefs = mod("preferences").addon_preferences()
+    scene = bpy.data.scenes["Edit"]
+    found = {}
+    for f in schema.setting_fields():
+        spec = schema.spec_of(f)
+        if spec.blender is None:
+            continue
+        holder = scene.p2v if spec.blender == schema.SCENE else prefs
+        prop = holder.bl_rna.properties[f.name]
+        entry = {"scope": spec.blender, "value": getattr(holder, f.name), "label": prop.name,
+                 "items": [item.identifier for item in prop.enum_items] if prop.type == "ENUM" else None,
+                 "min": getattr(prop, "hard_min", None), "max": getattr(prop, "hard_max", None)}
+        if f.name in CONFIG.get("bad_values", {}):
+            bad = CONFIG["bad_values"][f.name]
+            saved = getattr(holder, f.name)
+            try:
+                setattr(holder, f.name, bad)
+                kept = getattr(holder, f.name)
+                entry["kept"] = kept
+                if kept == bad:
+                    try:
+                        properties.job_settings(scene, prefs, {} if f.name == "prompt" else {"prompt": "x"})
+                        entry["property_message"] = None
+                    except schema.SettingsError as exc:
+                        entry["property_message"] = str(exc)
+            except (TypeError, ValueError) as exc:  # e.g. an enum value Blender does not know
+                entry["kept"] = f"refused by Blender: {exc}"
+            finally:
+                setattr(holder, f.name, saved)
+            try:
+                properties.job_settings(scene, prefs, {"prompt": "x", f.name: bad})
+                entry["override_message"] = None
+            except schema.SettingsError as exc:
+                entry["override_message"] = str(exc)
+        found[f.name] = entry
+    return found
 
 
 def scenario_operator_poll():
@@ -686,7 +737,7 @@ def scenario_setup_fails_cleanly():
     """Set up runtime with a package that does not exist: a clear failure, and the log says why."""
     rp = mod("runtime_process")
     venv = os.path.join(CONFIG["work"], "setup-venv")
-    task = rp.SetupTask(CONFIG["base_python"], venv, [os.path.join(CONFIG["work"], "missing.whl")],
+    task = mod("runtime_setup").SetupTask(CONFIG["base_python"], venv, [os.path.join(CONFIG["work"], "missing.whl")],
                         pip_args=["--no-index"], log_path=os.path.join(CONFIG["work"], "setup.log"))
     task.start()
     task.join(300)
@@ -924,11 +975,11 @@ def recording_runtime():
     return rp.RuntimeConfig(mode="REMOTE", host=server["host"], port=server["port"], token=server["token"])
 
 
-def zpass_edit(strip_name: str, runtime_config=None, zpass_render="PREVIEW", **setting_overrides):
+def zpass_edit(strip_name: str, runtime_config=None, zpass_render="preview", **setting_overrides):
     def scenario():
         zpass_setup()
         before, state_before = snapshot(), _zpass_state()
-        job = make_job(strip_name, settings(**setting_overrides), runtime_config or runtime(), depth="ZPASS",
+        job = make_job(strip_name, settings(**setting_overrides), runtime_config or runtime(), depth="zpass",
                        zpass_render=zpass_render)
         result = run_job(job)
         result["new"] = new_strip_info(job)
@@ -947,7 +998,7 @@ def zpass_bad(strip_name: str, patch=None, **job_kwargs):
         state_before = _zpass_state()
         undo = patch() if patch is not None else None
         try:
-            result = bad_input(strip_name, depth="ZPASS", **job_kwargs)()
+            result = bad_input(strip_name, depth="zpass", **job_kwargs)()
         finally:
             if undo is not None:
                 undo()
@@ -981,7 +1032,7 @@ def scenario_zpass_cancel():
     """Cancel a Z-pass edit after its first frame: the copy of the scene goes, nothing else changes."""
     zpass_setup()
     before, state_before = snapshot(), _zpass_state()
-    job = make_job("geo", settings(steps=8), depth="ZPASS")
+    job = make_job("geo", settings(steps=8), depth="zpass")
     cancelled = []
 
     def on_frame(current):
@@ -1037,13 +1088,13 @@ def scenario_zpass_frames():
         out[label] = {"count": len(frames), "seconds": times}
 
     geo = compat.all_strips(editor)["geo"]
-    grab(geo, "ZPASS", "PREVIEW", "preview")
-    grab(geo, "ZPASS", "SCENE", "scene")
-    grab(geo, "ESTIMATE", "PREVIEW", "sequencer")
-    grab(compat.all_strips(editor)["geo_flip"], "ZPASS", "PREVIEW", "flip")
-    grab(compat.all_strips(editor)["geo_reverse"], "ZPASS", "PREVIEW", "reverse")
+    grab(geo, "zpass", "preview", "preview")
+    grab(geo, "zpass", "scene", "scene")
+    grab(geo, "estimate", "preview", "sequencer")
+    grab(compat.all_strips(editor)["geo_flip"], "zpass", "preview", "flip")
+    grab(compat.all_strips(editor)["geo_reverse"], "zpass", "preview", "reverse")
     if "geo_retimed" in compat.all_strips(editor):
-        grab(compat.all_strips(editor)["geo_retimed"], "ZPASS", "PREVIEW", "retimed")
+        grab(compat.all_strips(editor)["geo_retimed"], "zpass", "preview", "retimed")
     shown = bpy.data.scenes["Geo"]
     for label, names in (("workbench", ("BLENDER_WORKBENCH",)), ("eevee", compat.EEVEE_ENGINES)):
         previous = shown.render.engine
@@ -1054,7 +1105,7 @@ def scenario_zpass_frames():
                     break
                 except TypeError:  # not this version's name for it
                     continue
-            grab(geo, "ZPASS", "PREVIEW", label)
+            grab(geo, "zpass", "preview", label)
         finally:
             shown.render.engine = previous
     out["settings_changes"] = _state_changes(state_before, _zpass_state())
@@ -1096,7 +1147,7 @@ def scenario_video_output():
         settings.file_format = "FFMPEG"
     out = {"format": settings.file_format}
     try:
-        for name, depth in (("img", "ESTIMATE"), ("geo", "ZPASS")):
+        for name, depth in (("img", "estimate"), ("geo", "zpass")):
             frames = strip_frames.StripFrames(scene, compat.all_strips(scene.sequence_editor)[name], depth)
             try:
                 frames.open()
@@ -1116,19 +1167,19 @@ def scenario_zpass_panel():
     scene = bpy.data.scenes["Edit"]
     zpass_setup()
     scene.sequence_editor.active_strip = mod("compat").all_strips(scene.sequence_editor)["geo"]
-    scene.p2v.depth = "ZPASS"
+    scene.p2v.depth = "zpass"
     try:
         drawn = draw(panel.SEQUENCER_PT_p2v, bpy.context)
     finally:
-        scene.p2v.depth = "ESTIMATE"
+        scene.p2v.depth = "estimate"
     estimate = draw(panel.SEQUENCER_PT_p2v, bpy.context)
     operators = mod("operators")
     scene.sequence_editor.active_strip = mod("compat").all_strips(scene.sequence_editor)["img"]
-    scene.p2v.depth = "ZPASS"
+    scene.p2v.depth = "zpass"
     try:
         image_reason = operators.unavailable_reason(bpy.context)
     finally:
-        scene.p2v.depth = "ESTIMATE"
+        scene.p2v.depth = "estimate"
     return {"zpass": drawn, "estimate": estimate, "image_reason": image_reason,
             "image_reason_estimate": operators.unavailable_reason(bpy.context),
             "items": [item.identifier for item in scene.p2v.bl_rna.properties["zpass_render"].enum_items],
@@ -1146,7 +1197,7 @@ def scenario_zpass_operator():
     props = scene.p2v
     for name in ("prompt", "source_prompt", "steps", "size"):
         setattr(props, name, values[name])
-    props.depth, props.zpass_render = "ZPASS", "SCENE"
+    props.depth, props.zpass_render = "zpass", "scene"
     prefs.python = CONFIG["runtime_python"]
     prefs.model, prefs.captioner, prefs.device = values["model"], values["captioner"], "cpu"
     prefs.cache_dir = values["cache_dir"]
@@ -1156,7 +1207,7 @@ def scenario_zpass_operator():
     try:
         result = bpy.ops.sequencer.p2v_edit()
     finally:
-        props.depth, props.zpass_render = "ESTIMATE", "PREVIEW"
+        props.depth, props.zpass_render = "estimate", "preview"
     after = snapshot()
     new = [name for name in after["strips"] if name not in before["strips"]]
     length = after["strips"][new[0]]["frame_final_duration"] if new else None
@@ -1179,7 +1230,7 @@ ZPASS_SCENARIOS = {
     "zpass_frames": scenario_zpass_frames,
     "zpass_problems": scenario_zpass_problems,
     "zpass_record": lambda: zpass_edit("geo", recording_runtime(), prompt=CONFIG["record_prompt"], size=128)(),
-    "zpass_local": zpass_edit("geo", zpass_render="SCENE"),
+    "zpass_local": zpass_edit("geo", zpass_render="scene"),
     "zpass_echo": lambda: zpass_edit("geo", echo_runtime())(),
     "zpass_cancel": scenario_zpass_cancel,
     "zpass_error_mid_render": scenario_zpass_error_mid_render,
@@ -1227,13 +1278,14 @@ SCENARIOS = {
     "bad_python_missing": lambda: bad_input("img", runtime_config=runtime(python="/nonexistent/bin/python3"))(),
     "bad_python_lacks_runtime": lambda: bad_input("img", runtime_config=runtime(python=CONFIG["base_python"]))(),
     "bad_empty_prompt": lambda: bad_input("img", settings_values=settings(prompt="  "))(),
-    "bad_zpass_image": bad_input("img", depth="ZPASS"),
+    "bad_zpass_image": bad_input("img", depth="zpass"),
     "bad_model_missing": lambda: bad_input(
         "img", settings_values=settings(model=os.path.join(CONFIG["work"], "no-such-model")))(),
     "unwritable_probe": scenario_unwritable_probe,
     "unsaved_file": scenario_unsaved_file,
     "release": scenario_release,
     "panel_draw": scenario_panel_draw,
+    "schema_walk": scenario_schema_walk,
     "operator_poll": scenario_operator_poll,
     "operator_run": scenario_operator_run,
     "operator_in_override": scenario_operator_in_override,

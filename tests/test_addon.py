@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import blender_helpers as bh
+import settings_cases
 
 REPO = bh.REPO
 VERSIONS = ("5.0", "4.2")
@@ -31,7 +32,7 @@ SCENARIOS = (
     "bad_color", "bad_meta", "bad_movie_missing", "bad_image_holes", "bad_scene_no_camera", "bad_too_long",
     "long_confirmed_check", "bad_no_channel", "bad_output_dir", "bad_python_missing", "bad_python_lacks_runtime",
     "bad_empty_prompt", "bad_zpass_image", "bad_model_missing", "unwritable_probe",
-    "unsaved_file", "release", "panel_draw", "operator_poll", "operator_run", "operator_in_override", "modal_loop", "check_runtime", "setup_fails",
+    "unsaved_file", "release", "panel_draw", "schema_walk", "operator_poll", "operator_run", "operator_in_override", "modal_loop", "check_runtime", "setup_fails",
     "register_twice",
 )
 
@@ -62,7 +63,7 @@ def media(tmp_path_factory) -> Path:
 def _config(built_addon, tiny_models, media_dir: Path, scenarios) -> dict:
     return dict(zip=str(built_addon["extension"]), media=str(media_dir), model=str(tiny_models["sd2-depth"]),
                 captioner=str(tiny_models["blip"]), runtime_python=str(bh.RUNTIME_PYTHON),
-                base_python=bh.base_python(), scenarios=list(scenarios))
+                base_python=bh.base_python(), scenarios=list(scenarios), bad_values=settings_cases.bad_values())
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -147,37 +148,6 @@ def test_runtime_wheel_metadata(built_addon):
     assert path.startswith("p2v_runtime-") and path.endswith("-py3-none-any.whl")
 
 
-def test_addon_settings_mirror_the_runtime():
-    from p2v_runtime import settings as runtime_settings
-    from blender_addon import settings_map
-
-    defaults = runtime_settings.EditSettings().to_dict()
-    defaults.pop("extra")
-    assert settings_map.EDIT_DEFAULTS == defaults
-    assert settings_map.CHOICES == {
-        "injection": runtime_settings.INJECTION_MODES, "layers": runtime_settings.LAYER_SETS,
-        "update": runtime_settings.UPDATE_MODES, "depth_norm": runtime_settings.DEPTH_NORMS,
-        "device": runtime_settings.DEVICES, "dtype": runtime_settings.DTYPES,
-    }
-    job = settings_map.job_settings({"prompt": "a cat", "source_prompt": "  ", "steps": 3},
-                                    {"model": "", "device": "cpu", "cache_dir": ""}, {"size": 128, "seed": None})
-    assert job == {"prompt": "a cat", "source_prompt": None, "steps": 3, "device": "cpu", "cache_dir": None, "size": 128}
-    runtime_settings.EditSettings.from_dict(job)  # what the add-on sends is valid for the runtime
-
-
-def test_headless_script_takes_every_p2v_edit_option():
-    from p2v_runtime.cli import build_parser
-
-    edit = build_parser()._subparsers._group_actions[0].choices["edit"]
-    edit_flags = {opt for action in edit._actions for opt in action.option_strings if opt.startswith("--")}
-    not_for_blender = {"--help", "--out", "--frames", "--depth", "--save-depth", "--stats", "--overwrite",
-                       "--server", "--quiet"}
-    p2v_blender = _scripts_module("p2v_blender")
-    ours = {opt for action in p2v_blender.build_parser()._actions for opt in action.option_strings}
-    assert edit_flags - not_for_blender <= ours
-    assert {"--strip", "--blend", "--save", "--depth", "--server", "--runtime-python"} <= ours
-
-
 def test_png_writer_round_trip(tmp_path):
     from blender_addon import png
 
@@ -192,14 +162,14 @@ def test_png_writer_round_trip(tmp_path):
 
 def test_runtime_setup_installs_the_wheel_and_says_what_is_missing(built_addon, tmp_path):
     """Set up runtime: a venv with the bundled wheel (no network: --no-deps), then the device check."""
-    from blender_addon import runtime_process
+    from blender_addon import runtime_setup
 
     with zipfile.ZipFile(built_addon["extension"]) as archive:
         wheel_name = next(n for n in archive.namelist() if n.endswith(".whl"))
         wheel = tmp_path / Path(wheel_name).name
         wheel.write_bytes(archive.read(wheel_name))
     venv = tmp_path / "venv"
-    task = runtime_process.SetupTask(bh.base_python(), str(venv), [str(wheel)], pip_args=["--no-deps", "--no-index"],
+    task = runtime_setup.SetupTask(bh.base_python(), str(venv), [str(wheel)], pip_args=["--no-deps", "--no-index"],
                                      log_path=str(tmp_path / "setup.log"))
     task.start()
     assert task.join(300)
@@ -207,7 +177,7 @@ def test_runtime_setup_installs_the_wheel_and_says_what_is_missing(built_addon, 
     assert task.state == "failed", task.message
     assert "torch cannot be imported" in task.message
     assert task.step == task.steps
-    done = subprocess.run([runtime_process.venv_python(str(venv)), "-c", "import p2v_runtime.protocol as p; print(p.PROTOCOL_VERSION)"],
+    done = subprocess.run([runtime_setup.venv_python(str(venv)), "-c", "import p2v_runtime.protocol as p; print(p.PROTOCOL_VERSION)"],
                           capture_output=True, text=True)
     assert done.stdout.strip() == "1"
     assert (venv / "bin" / "p2v").exists()
@@ -216,9 +186,9 @@ def test_runtime_setup_installs_the_wheel_and_says_what_is_missing(built_addon, 
 
 
 def test_runtime_setup_can_be_cancelled(tmp_path):
-    from blender_addon import runtime_process
+    from blender_addon import runtime_setup
 
-    task = runtime_process.SetupTask(bh.base_python(), str(tmp_path / "venv"), ["p2v-runtime"],
+    task = runtime_setup.SetupTask(bh.base_python(), str(tmp_path / "venv"), ["p2v-runtime"],
                                      log_path=str(tmp_path / "setup.log"))
     task.start()
     task.cancel()
@@ -348,7 +318,7 @@ BAD_INPUTS = {
     "bad_output_dir": "cannot be created",
     "bad_python_missing": "is not found",
     "bad_python_lacks_runtime": "does not have p2v_runtime installed",
-    "bad_empty_prompt": "prompt is empty",
+    "bad_empty_prompt": "Prompt (--prompt) is empty",
     "bad_zpass_image": "needs a scene strip",
     "bad_model_missing": "cannot load model",
 }
@@ -394,6 +364,38 @@ def test_release_stops_the_runtime(results):
     assert found["released"] and found["pid_gone"] and not found["current"]
 
 
+def test_addon_properties_follow_the_schema(results):
+    """Every setting the schema gives Blender is a property where the schema says (scene or
+    preferences), with its default, choices and limits; a bad value gets the schema's message,
+    whether set on the property or given to the headless script, or Blender clamps it into range."""
+    from p2v_runtime import settings as schema
+
+    found = outcome(results, "schema_walk")
+    expected = {f.name for f in schema.setting_fields() if schema.spec_of(f).blender is not None}
+    assert set(found) - {"scenario_seconds"} == expected
+    for f in schema.setting_fields():
+        spec = schema.spec_of(f)
+        if spec.blender is None:
+            continue
+        entry = found[f.name]
+        assert entry["scope"] == spec.blender and entry["label"] == spec.label, f.name
+        if f.name != "prompt":  # the test .blend's prompt is whatever the last scenario left
+            assert entry["value"] == (f.default if f.default is not None else ""), f.name
+        if spec.choices:
+            assert entry["items"] == list(schema.choice_values(f.name)), f.name
+        elif schema.kind_of(f) in (int, float) and spec.low is not None:
+            assert (entry["min"], entry["max"]) == (spec.low, spec.high), f.name
+        if f.name in results["schema_walk"] and "override_message" in entry:
+            bad = settings_cases.bad_values()[f.name]
+            assert entry["override_message"] == settings_cases.refusal(f.name, bad), f.name
+            if entry["kept"] == bad:
+                assert entry["property_message"] == settings_cases.refusal(f.name, bad), f.name
+            elif not isinstance(entry["kept"], str):  # clamped by Blender into the schema's range
+                assert spec.low <= entry["kept"] <= spec.high, f.name
+    assert {name for name, entry in found.items() if isinstance(entry, dict) and "override_message" in entry} == \
+        set(settings_cases.bad_values()) & expected
+
+
 def test_panel_layout(results):
     """Blender cannot draw its UI without a window here, so the panels draw into a recorder."""
     found = outcome(results, "panel_draw")
@@ -401,11 +403,21 @@ def test_panel_layout(results):
         for entry in found[key]:
             if entry["call"] in ("prop", "operator"):
                 assert entry["exists"], (key, entry)
+    from p2v_runtime import settings as schema
+
+    def scene_fields(advanced):
+        return [f.name for f in schema.setting_fields() if schema.spec_of(f).blender == schema.SCENE
+                and schema.spec_of(f).advanced == advanced and schema.spec_of(f).shown_when is None]
+
     props = [e["property"] for e in found["idle"] if e["call"] == "prop"]
-    assert props == ["prompt", "source_prompt", "steps", "guidance", "seed", "injection", "update", "size", "depth"]
+    assert props == scene_fields(False)  # the schema's order; the Z-pass render only with Depth 'Z pass'
+    assert props[:2] == ["prompt", "source_prompt"] and "depth" in props
     assert "sequencer.p2v_edit" in [e["operator"] for e in found["idle"] if e["call"] == "operator"]
     assert any(e["call"] == "label" and e["text"] == "Strip: img" for e in found["idle"])
-    assert [e["property"] for e in found["advanced"] if e["call"] == "prop"] == ["layers", "update_delta", "update_steps", "depth_norm"]
+    assert [e["property"] for e in found["advanced"] if e["call"] == "prop"] == scene_fields(True)
+    prefs = [e["property"] for e in found["preferences"] if e["call"] == "prop"]
+    assert [name for name in prefs if name in schema.EditSettings.__dataclass_fields__] == [
+        f.name for f in schema.setting_fields() if schema.spec_of(f).blender == schema.PREFERENCES]
     running_ops = [e["operator"] for e in found["running"] if e["call"] == "operator"]
     assert "sequencer.p2v_cancel" in running_ops and "sequencer.p2v_edit" not in running_ops
     assert any(e["call"] == "progress" and "frames" in e["text"] for e in found["running"])
@@ -531,8 +543,13 @@ def test_headless_bad_input_is_one_line(blend_files, tmp_path):
         (["--blend", str(blend), "--strip", "nope", "--prompt", "x"], 1, "has no strip named 'nope'"),
         (["--blend", str(blend), "--strip", "txt", "--prompt", "x", "--save"], 1, "is a text strip"),
         (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--max-frames", "2"], 1, "more than the limit of 2"),
-        (["--blend", str(blend), "--strip", "img"], 2, "the following arguments are required: --prompt"),
-        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--injection", "sideways"], 2, "--injection must be one of"),
+        (["--blend", str(blend), "--strip", "img"], 2, "Prompt (--prompt) is empty"),
+        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--injection", "sideways"], 2,
+         settings_cases.refusal("injection", "sideways")),
+        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--steps", "many"], 2,
+         "Steps (--steps) must be a whole number, got 'many'"),
+        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--frames", "0:99"], 1,
+         "goes past the clip: it has 5 frames"),
         (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--runtime-python", "/nonexistent/python"], 1, "is not found"),
     ]
     for args, code, text in cases:

@@ -199,7 +199,7 @@ def test_empty_prompt_is_refused(clip, edit_args, tmp_path, capsys):
     args = edit_args(clip, tmp_path / "out")
     args[args.index("--prompt") + 1] = "   "
     code, err = run_cli(args, capsys)
-    assert code != 0 and "prompt is empty" in err
+    assert code != 0 and "Prompt (--prompt) is empty" in err
     assert not (tmp_path / "out").exists()
 
 

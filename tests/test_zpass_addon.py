@@ -360,7 +360,7 @@ def test_panel_shows_the_render_setting_with_zpass(results):
     estimate = [e["property"] for e in found["estimate"] if e["call"] == "prop"]
     assert zpass[-2:] == ["depth", "zpass_render"] and "zpass_render" not in estimate
     assert all(e["exists"] for e in found["zpass"] if e["call"] == "prop")
-    assert found["items"] == ["PREVIEW", "SCENE"] and found["default"] == "PREVIEW"
+    assert found["items"] == ["preview", "scene"] and found["default"] == "preview"
     assert "needs a scene strip" in found["image_reason"]  # the button says why, before a click
     assert found["image_reason_estimate"] is None
 

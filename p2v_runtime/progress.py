@@ -1,0 +1,59 @@
+"""Progress on stderr for the command line: bars on a terminal, plain lines in logs."""
+
+from __future__ import annotations
+
+import sys
+
+
+class ProgressBars:
+    """Progress on stderr: a tqdm bar per stage on a terminal, plain lines in logs.
+
+    Inversion and edit alternate per frame, so each stage keeps its own bar. When stderr is not
+    a terminal (a farm log, a pipe), bars would be noise: one line per stage start and per
+    finished frame instead.
+    """
+
+    def __init__(self, enabled: bool = True, steps: int = 1):
+        self.enabled = enabled
+        self.steps = steps
+        self.interactive = sys.stderr.isatty()
+        self.bars: dict = {}
+        self.printed: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if not self.interactive:
+            self._line(stage, done, total)
+            return
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            unit = "step" if stage in ("inversion", "edit") else "it"
+            bar = tqdm(total=total, desc=f"{stage:>9}", unit=unit, file=sys.stderr, position=len(self.bars),
+                       dynamic_ncols=True)
+            self.bars[stage] = bar
+        bar.n = done
+        bar.refresh()
+
+    def _line(self, stage: str, done: int, total: int) -> None:
+        per_frame = self.steps if stage in ("inversion", "edit") else 1
+        if done % per_frame:
+            return
+        finished = done // per_frame
+        if self.printed.get(stage) == finished:
+            return
+        self.printed[stage] = finished
+        if finished == 0:
+            print(f"p2v: {stage}...", file=sys.stderr, flush=True)
+        elif stage in ("depth", "inversion", "edit"):
+            print(f"p2v: {stage} {finished}/{total // per_frame} frames", file=sys.stderr, flush=True)
+
+    def warn(self, message: str) -> None:
+        print(f"p2v: warning: {message}", file=sys.stderr)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.bars = {}
