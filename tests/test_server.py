@@ -23,7 +23,9 @@ import pytest
 
 from p2v_runtime import protocol as P
 from p2v_runtime.client import Client, ConnectionLost, RemoteError, ServerBusy, add_ping_arguments, edit_on_server, ping_main
-from p2v_runtime.server import Server, echo_job_runner
+from p2v_runtime.server import Server, add_serve_arguments
+from p2v_runtime.server.cli import runner_named
+from p2v_runtime.server.echo import echo_job_runner
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -228,6 +230,40 @@ def test_non_loopback_without_allow_remote_and_token_is_refused(args, env, needl
     assert out.returncode == 2
     assert out.stdout == ""
     assert needle in out.stderr and "\n" == out.stderr[-1] and out.stderr.count("\n") == 1
+
+
+def test_importing_the_server_loads_neither_torch_nor_numpy_nor_the_echo_runner():
+    code = ("import argparse, sys, p2v_runtime.server as s; s.add_serve_arguments(argparse.ArgumentParser()); "
+            "print(sorted(m for m in ('torch', 'numpy', 'p2v_runtime.editor', 'p2v_runtime.server.echo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_the_hidden_flag_selects_the_echo_runner():
+    from p2v_runtime.server import edit_job_runner
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert parser.parse_args([]).job_runner == "edit" and "job-runner" not in parser.format_help()
+    assert runner_named("edit") is edit_job_runner and runner_named("echo") is echo_job_runner
+    assert Server(token="t").job_runner is edit_job_runner
+
+
+def test_the_runtime_wheel_carries_the_server_package():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_addon
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(build_addon.runtime_wheel()[1])) as wheel:
+        names = set(wheel.namelist())
+    wanted = {f"p2v_runtime/server/{path.name}" for path in (ROOT / "p2v_runtime" / "server").glob("*.py")}
+    assert {"p2v_runtime/server/__init__.py", "p2v_runtime/server/__main__.py"} <= wanted <= names
+    assert not any("__pycache__" in name for name in names)
 
 
 # --- jobs ---------------------------------------------------------------------------------------
@@ -912,7 +948,7 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
     monkeypatch.setenv("P2V_TOKEN", server.token)
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(4)]
-    progress, stats, warnings = [], {}, []
+    progress, stats, warnings = [], P.EditStats(), []
     remote = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays),
                             EditSettings(prompt="x", extra={"echo_steps": 2, "echo_warn": "frames\nresized"}),
                             progress=lambda *p: progress.append(p), stats=stats, warn=warnings.append)
@@ -921,7 +957,10 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
     assert [i for i, _ in got] == [0, 1, 2, 3]
     assert all(isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (24, 40, 3) for _, image in got)
     assert all(np.array_equal(image, arrays[i]) for i, image in got)
-    assert progress[-1] == ("edit", 8, 8) and stats["frames"] == 4 and "model_load_seconds" in stats
+    assert progress[-1] == ("edit", 8, 8) and stats.frames == 4 and stats.model_load_seconds == 0.0
+    assert stats.bytes_in >= sum(a.nbytes for a in arrays) and stats.bytes_out >= sum(a.nbytes for a in arrays)
+    unasked = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="echo"))
+    assert len(list(unasked)) == 4 and isinstance(unasked.stats, P.EditStats) and unasked.stats.frames == 4
     depth = ArrayFrames([np.full((24, 40), i, dtype=np.float32) for i in range(4)])
     assert len(list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x"), depth=depth))) == 4
     cancel = threading.Event()
@@ -952,7 +991,7 @@ def test_real_edit_job_matches_a_local_edit_bit_for_bit(request, tmp_path):
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
 
-    local = list(editor.edit_clip(ArrayFrames(arrays), settings, stats=editor.EditStats()))
+    local = list(editor.edit_clip(ArrayFrames(arrays), settings, stats=P.EditStats()))
 
     env = dict(TOKEN_ENV, P2V_TOKEN="real-edit", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "p2v_runtime.server", "--read-timeout", "30", "--spool-dir", str(tmp_path / "spool")]
@@ -976,9 +1015,9 @@ def test_real_edit_job_matches_a_local_edit_bit_for_bit(request, tmp_path):
         assert [i for i, _ in remote] == [i for i, _ in local]
         for (_, a), (_, b) in zip(remote, local):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-        assert stats["frames"] == 3 and stats["bytes_in"] > 3 * 64 * 64 * 3 and stats["bytes_out"] > 3 * 64 * 64 * 3
-    assert runs[0][1]["model_load_seconds"] > 0
-    assert runs[1][1]["model_load_seconds"] == 0  # warm: nothing loaded again
+        assert stats.frames == 3 and stats.bytes_in > 3 * 64 * 64 * 3 and stats.bytes_out > 3 * 64 * 64 * 3
+    assert runs[0][1].model_load_seconds > 0
+    assert runs[1][1].model_load_seconds == 0  # warm: nothing loaded again
     local_files, server_files = cli_runs
     assert local_files.keys() == server_files.keys() and len(local_files) == 3
     assert local_files == server_files  # `p2v edit --server` writes what `p2v edit` writes
