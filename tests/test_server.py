@@ -25,7 +25,7 @@ from p2v_runtime import protocol as P
 from p2v_runtime.client import Client, ConnectionLost, RemoteError, ServerBusy, add_ping_arguments, edit_on_server, ping_main
 from p2v_runtime.server import Server, add_serve_arguments
 from p2v_runtime.server.cli import runner_named
-from p2v_runtime.server.echo import echo_job_runner
+from p2v_runtime.server.echo import EchoOptions, echo_job_runner, echo_options
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -109,8 +109,9 @@ def rgb_frames(count: int, width: int, height: int, seed: int = 0) -> list[bytes
     return [rng.randbytes(width * height * 3) for _ in range(count)]
 
 
-def echo_settings(**extra) -> dict:
-    return {"prompt": "echo", "extra": extra}
+def echo_settings(options: str = "") -> dict:
+    """Settings for the echo runner; ``options`` are its prompt words, e.g. ``"steps=3 delay=0.05"``."""
+    return {"prompt": f"echo {options}".strip()}
 
 
 def run_all(client: Client, settings, frames, width, height, **kwargs) -> tuple[list, list, P.Message]:
@@ -250,6 +251,23 @@ def test_only_the_hidden_flag_selects_the_echo_runner():
     assert Server(token="t").job_runner is edit_job_runner
 
 
+@pytest.mark.parametrize(
+    "prompt, options",
+    [
+        ("echo", EchoOptions()),
+        ("echo steps=3 delay=0.05 fail_at=2 warn=frames were\nresized",
+         EchoOptions(steps=3, delay=0.05, fail_at=2, warn="frames were\nresized")),
+        ("warn=steps=9", EchoOptions(warn="steps=9")),
+        ("steps=0 delay=5", EchoOptions(steps=1, delay=1.0)),
+        ("steps=5000 delay=-1 steps=2.7", EchoOptions(steps=2)),
+        ("steps=nan delay=inf fail_at=two colour=red nowarn=x =", EchoOptions()),
+        ("a red car, steps=4", EchoOptions(steps=4)),
+    ],
+)
+def test_echo_options_come_from_the_prompt(prompt, options):
+    assert echo_options(prompt) == options
+
+
 def test_the_runtime_wheel_carries_the_server_package():
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -273,7 +291,7 @@ def test_echo_job_end_to_end(server):
     width, height = 48, 32
     frames = rgb_frames(6, width, height)
     with server.client() as client:
-        results, progress, final = run_all(client, echo_settings(echo_steps=3), frames, width, height)
+        results, progress, final = run_all(client, echo_settings("steps=3"), frames, width, height)
     assert [m["index"] for m in results] == list(range(6))
     assert [bytes(m.payload) for m in results] == frames
     assert all(m["shape"] == [height, width, 3] and m["dtype"] == "uint8" for m in results)
@@ -330,7 +348,7 @@ def test_a_failing_job_reports_its_error_and_the_connection_goes_on(server):
     with server.client() as client:
         received = []
         with pytest.raises(RemoteError) as info:
-            for message in client.run_job(echo_settings(echo_fail_at=2), frames, 8, 8):
+            for message in client.run_job(echo_settings("fail_at=2"), frames, 8, 8):
                 if message.type == "result":
                     received.append(message["index"])
         assert info.value.code == P.E_INPUT and not info.value.fatal and "fail at frame 2" in info.value.message
@@ -355,7 +373,7 @@ def test_cancel_stops_within_a_step_and_the_server_takes_the_next_job(server):
     with server.client() as client:
         results = []
         cancelled_at = final = None
-        for message in client.run_job(echo_settings(echo_delay=0.05, echo_steps=5), frames, 8, 8):
+        for message in client.run_job(echo_settings("delay=0.05 steps=5"), frames, 8, 8):
             if message.type == "result":
                 results.append(message)
                 if len(results) == 2:
@@ -423,7 +441,7 @@ def test_frames_in_flight_after_a_cancel_are_dropped(server):
 def test_disconnect_mid_job_cancels_it(server):
     frames = rgb_frames(50, 8, 8)
     client = server.client()
-    for message in client.run_job(echo_settings(echo_delay=0.05, echo_steps=2), frames, 8, 8):
+    for message in client.run_job(echo_settings("delay=0.05 steps=2"), frames, 8, 8):
         if message.type == "result":
             break  # 49 frames (5 s) to go
     client.close()
@@ -470,7 +488,7 @@ def test_a_second_client_gets_busy_and_the_running_job_is_undisturbed(server):
     def first_job():
         with server.client() as client:
             got = []
-            for message in client.run_job(echo_settings(echo_delay=0.05, echo_steps=1), frames, 16, 16):
+            for message in client.run_job(echo_settings("delay=0.05 steps=1"), frames, 16, 16):
                 if message.type == "result":
                     got.append(bytes(message.payload))
                     first_result.set()
@@ -864,7 +882,7 @@ def test_sigterm_mid_job_stops_the_server_cleanly(fresh_server):
     messages = []
     with client:
         with pytest.raises((RemoteError, ConnectionLost)):
-            for message in client.run_job(echo_settings(echo_delay=0.05), rgb_frames(100, 8, 8), 8, 8):
+            for message in client.run_job(echo_settings("delay=0.05"), rgb_frames(100, 8, 8), 8, 8):
                 messages.append(message.type)
                 if message.type == "result" and running.alive():
                     running.proc.send_signal(signal.SIGTERM)
@@ -891,7 +909,7 @@ def test_kill_minus_nine_mid_job_raises_a_clear_error_and_keeps_results(fresh_se
     received = []
     with running.client() as client:
         with pytest.raises(ConnectionLost) as info:
-            for message in client.run_job(echo_settings(echo_delay=0.03), frames, 8, 8):
+            for message in client.run_job(echo_settings("delay=0.03"), frames, 8, 8):
                 if message.type == "result":
                     received.append(bytes(message.payload))
                     if len(received) == 3:
@@ -950,7 +968,7 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
     arrays = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(4)]
     progress, stats, warnings = [], P.EditStats(), []
     remote = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays),
-                            EditSettings(prompt="x", extra={"echo_steps": 2, "echo_warn": "frames\nresized"}),
+                            EditSettings(prompt="echo steps=2 warn=frames\nresized"),
                             progress=lambda *p: progress.append(p), stats=stats, warn=warnings.append)
     got = list(remote)
     assert remote.stats is stats and warnings == ["frames resized"]
@@ -967,12 +985,12 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
     received = []
     with pytest.raises(EditCancelled):
         for index, _ in edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays * 5),
-                                       EditSettings(prompt="x", extra={"echo_delay": 0.02}), cancel=cancel):
+                                       EditSettings(prompt="echo delay=0.02"), cancel=cancel):
             received.append(index)
             cancel.set()
     assert received and received == list(range(len(received)))
     with pytest.raises(InputError, match="fail at frame 1"):
-        list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x", extra={"echo_fail_at": 1})))
+        list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="echo fail_at=1")))
 
 
 # --- a real edit through the socket ---------------------------------------------------------------
