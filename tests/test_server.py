@@ -993,6 +993,27 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
         list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="echo fail_at=1")))
 
 
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="p2v_runtime/cli.py edit_main json-dumps results.stats, now an EditStats: "
+                          "it needs .to_dict() (left to the cli.py rewrite)")
+def test_cli_edit_on_a_server_writes_its_stats(server, monkeypatch, tmp_path):
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+
+    from p2v_runtime import cli
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for index in range(2):
+        Image.fromarray(np.full((16, 16, 3), index * 40, np.uint8)).save(clip / f"{index:03d}.png")
+    monkeypatch.setenv("P2V_TOKEN", server.token)
+    stats_file = tmp_path / "stats.json"
+    assert cli.main(["edit", str(clip), "--out", str(tmp_path / "out"), "--prompt", "echo", "--quiet",
+                     "--server", f"{HOST}:{server.port}", "--stats", str(stats_file)]) == 0
+    stats = P.EditStats.from_dict(json.loads(stats_file.read_text()))
+    assert stats.frames == 2 and stats.bytes_in > 2 * 16 * 16 * 3
+
+
 # --- a real edit through the socket ---------------------------------------------------------------
 
 
