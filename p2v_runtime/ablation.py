@@ -98,9 +98,10 @@ def run_ablation(
 
     Returns what ``ablation.json`` holds.
     """
-    from .editor import EditStats, edit_clip
+    from .editor import edit_clip
     from .frames import open_frames, write_frame
     from .metrics import evaluate_clip
+    from .protocol import EditStats
 
     settings.validate()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,9 +29,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def bench_main(args: argparse.Namespace) -> int:
-    from .editor import EditStats, edit_clip
+    from .editor import edit_clip
     from .frames import open_frames, resize_rgb, working_size
     from .models import load_depth_pipeline
+    from .protocol import EditStats
     from .settings import EditSettings
 
     workdir = Path(tempfile.mkdtemp(prefix="p2v-bench-"))

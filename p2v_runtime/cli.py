@@ -16,6 +16,7 @@ from pathlib import Path
 from . import settings as settings_module
 from .errors import USER_ERRORS, EditCancelled
 from .progress import ProgressBars
+from .protocol import EditStats
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -112,21 +113,18 @@ def edit_main(args: argparse.Namespace) -> int:
     progress = ProgressBars(enabled=not args.quiet, steps=settings.steps)
     cancel = threading.Event()
     written = 0
-    stats = None
+    stats = EditStats()  # filled the same way by a local edit and by a server
     try:
         if args.server:
             from .client import edit_on_server
 
             results = edit_on_server(args.server, frames, settings, depth=depth, progress=progress, cancel=cancel,
-                                     warn=progress.warn)
+                                     stats=stats, warn=progress.warn)
         else:
-            from .editor import EditStats, edit_clip
+            from .editor import edit_clip
 
-            stats = EditStats()
-            results = edit_clip(
-                frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats,
-                save_depth_dir=args.save_depth, warn=progress.warn,
-            )
+            results = edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats,
+                                save_depth_dir=args.save_depth, warn=progress.warn)
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, rgb in results:
             write_frame(out_dir, index, rgb)
@@ -147,9 +145,8 @@ def edit_main(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     finally:
         progress.close()
-    stats_dict = stats.to_dict() if stats is not None else (results.stats or {})
     if args.stats:
-        Path(args.stats).write_text(json.dumps(stats_dict, indent=2) + "\n", encoding="utf-8")
+        Path(args.stats).write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
     if not args.quiet:
         print(f"p2v: {written} frame(s) written to {out_dir}", file=sys.stderr)
     return 0

@@ -31,6 +31,7 @@ except ImportError:  # vendored as plain top-level modules
 ConnectionLost = P.ConnectionLost
 RemoteError = P.RemoteError
 ProtocolError = P.ProtocolError
+EditStats = P.EditStats
 
 DEFAULT_PORT_HINT = "HOST:PORT, e.g. 127.0.0.1:50123"
 _POLL = 0.1  # seconds between looks at the cancel flag while waiting for the server
@@ -112,9 +113,7 @@ class Client:
 
     def submit(self, settings, frames: int, width: int, height: int, depth: bool = False) -> dict:
         """Announce a job; return the ``job_ok`` header (``window``: frames allowed in flight)."""
-        if hasattr(settings, "to_dict"):
-            settings = settings.to_dict()
-        self._send({"type": "job", "settings": dict(settings), "frames": int(frames), "width": int(width),
+        self._send({"type": "job", "settings": settings_to_wire(settings), "frames": int(frames), "width": int(width),
                     "height": int(height), "depth": bool(depth)})
         self._job_width, self._job_height = int(width), int(height)
         self.results_received = 0
@@ -316,6 +315,13 @@ class Client:
         return None
 
 
+def settings_to_wire(settings) -> dict:
+    """The ``job`` message's settings: an ``EditSettings`` (the fields the runtime uses) or a plain dict."""
+    if hasattr(settings, "to_wire"):
+        settings = settings.to_wire()
+    return dict(settings)
+
+
 def _as_bytes_view(data) -> memoryview:
     view = memoryview(data)
     if not view.c_contiguous:
@@ -326,14 +332,16 @@ def _as_bytes_view(data) -> memoryview:
 # --- front ends ---------------------------------------------------------------------------------
 
 
-def edit_on_server(address: str, frames, settings, *, depth=None, progress=None, cancel=None,
-                   stats: dict | None = None, token: str | None = None, warn=None) -> "RemoteEdit":
+def edit_on_server(address: str, frames: P.Frames, settings, *, depth: P.Frames | None = None, progress=None,
+                   cancel=None, stats: P.EditStats | None = None, token: str | None = None,
+                   warn=None) -> "RemoteEdit":
     """``edit_clip`` run by a server: same arguments, iterates ``(index, image)`` in order.
 
-    ``frames``/``depth`` are the objects ``edit_clip`` takes (``len``, ``.size``, ``.read(i)``).
+    ``frames``/``depth`` are the :class:`protocol.Frames` objects ``edit_clip`` takes.
     Images are numpy arrays when numpy is importable, else ``bytearray`` RGB. The server's
-    ``done`` stats land in the returned object's ``.stats`` (and in ``stats`` when given);
-    the server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does). The
+    ``done`` stats fill ``stats``, an :class:`EditStats` (a new one when not given), which is
+    also the returned object's ``.stats``: what ``edit_clip(..., stats=)`` does locally.
+    The server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does). The
     token is ``token`` or ``$P2V_TOKEN``. Errors are raised as the matching ``P2VError`` when
     ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
     """
@@ -346,7 +354,7 @@ class RemoteEdit:
 
     def __init__(self, address, frames, settings, *, depth=None, progress=None, cancel=None, stats=None,
                  token=None, warn=None):
-        self.stats: dict = {} if stats is None else stats
+        self.stats: P.EditStats = P.EditStats() if stats is None else stats
         self._iterator = self._run(address, frames, settings, depth, progress, cancel, token, warn)
 
     def __iter__(self) -> "RemoteEdit":

@@ -11,56 +11,27 @@ whatever the clip length.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from . import depth as depth_conv
 from .errors import EditCancelled, GpuOutOfMemory, InputError
+from .protocol import EditStats, Frames
 from .settings import EditSettings
 
 ProgressCallback = Callable[[str, int, int], None]
 
 
-@dataclass
-class EditStats:
-    """What an edit did and cost; ``p2v edit --stats`` and the server's ``done`` report it."""
-
-    frames: int = 0
-    steps: int = 0
-    unet_calls: int = 0
-    unet_calls_inversion: int = 0
-    unet_calls_edit: int = 0
-    inversion_cache_hits: int = 0
-    feature_cache_bytes: int = 0
-    seconds: float = 0.0
-    seconds_per_frame: float | None = None
-    peak_rss_bytes: int | None = None
-    peak_gpu_bytes: int | None = None
-    depth_source: str = "estimate"
-    source_prompt: str = ""
-    device: str = ""
-    dtype: str = ""
-    model_load_seconds: float = 0.0
-    working_size: tuple[int, int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        values = dataclasses.asdict(self)
-        values["working_size"] = list(self.working_size) if self.working_size else None
-        return values
-
-
 def edit_clip(
-    frames,
+    frames: Frames,
     settings: EditSettings,
     *,
-    depth=None,
+    depth: Frames | None = None,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     stats: EditStats | None = None,

@@ -18,11 +18,13 @@ that size exists.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import select
 import socket
 import struct
+from typing import Any, Protocol
 
 PROTOCOL_VERSION = 1
 MAGIC = b"P2V"
@@ -100,6 +102,82 @@ class ConnectionLost(ProtocolError):
     def __init__(self, message: str, results_received: int = 0):
         super().__init__("connection_lost", message)
         self.results_received = results_received
+
+
+# --- what an edit reads and what it reports ----------------------------------------------------
+
+
+class Frames(Protocol):
+    """A clip as an edit reads it: ``edit_clip``, ``edit_on_server`` and the server's spool.
+
+    One interface, so the same frames object works for a local edit and a remote one. Frames are
+    HxWx3 uint8 RGB (depth: HxW float32), as numpy arrays or any buffer-protocol object.
+    """
+
+    def __len__(self) -> int: ...
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of every frame."""
+        ...
+
+    @property
+    def description(self) -> str:
+        """Where the frames come from, for messages."""
+        ...
+
+    def read(self, index: int) -> Any:
+        """Frame ``index`` (0-based)."""
+        ...
+
+
+@dataclasses.dataclass
+class EditStats:
+    """What an edit did and cost, the same type on every path.
+
+    ``edit_clip`` fills one locally; the server fills one per job and sends ``to_dict()`` in
+    ``done``; ``edit_on_server`` fills the caller's from that. :meth:`from_dict` ignores keys it
+    does not know and leaves missing ones at their defaults, so clients and servers of different
+    versions still read each other's stats.
+    """
+
+    frames: int = 0
+    steps: int = 0
+    unet_calls: int = 0
+    unet_calls_inversion: int = 0
+    unet_calls_edit: int = 0
+    inversion_cache_hits: int = 0
+    feature_cache_bytes: int = 0
+    seconds: float = 0.0
+    seconds_per_frame: float | None = None
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    depth_source: str = "estimate"
+    source_prompt: str = ""
+    device: str = ""
+    dtype: str = ""
+    model_load_seconds: float = 0.0
+    working_size: tuple[int, int] | None = None
+    bytes_in: int = 0  # received for the job (frames, depth, headers); 0 for a local edit
+    bytes_out: int = 0  # sent for the job up to its ``done``; 0 for a local edit
+
+    def to_dict(self) -> dict[str, Any]:
+        values = dataclasses.asdict(self)
+        values["working_size"] = list(self.working_size) if self.working_size else None
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "EditStats":
+        return cls().update(values)
+
+    def update(self, values: dict) -> "EditStats":
+        """Take the values of the keys this class knows (a ``done`` message's stats); return self."""
+        for field in dataclasses.fields(self):
+            if field.name in values:
+                setattr(self, field.name, values[field.name])
+        if isinstance(self.working_size, list):  # JSON has no tuples
+            self.working_size = tuple(self.working_size)
+        return self
 
 
 # --- message schemas ---------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def start_server(spool_dir: str | None = None) -> tuple[subprocess.Popen, dict]:
 
 
 def one_run(client: Client, frames: list[bytes], size: int) -> float:
-    settings = {"prompt": "echo", "depth_norm": "frame", "extra": {"echo_steps": 1}}
+    settings = {"prompt": "echo steps=1", "depth_norm": "frame"}  # the echo runner reads its options from the prompt
     received = 0
     started = time.perf_counter()
     for message in client.run_job(settings, frames.__getitem__, size, size, count=len(frames)):

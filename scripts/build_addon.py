@@ -98,8 +98,8 @@ def runtime_wheel() -> tuple[str, bytes]:
         lines.append(f"Provides-Extra: {extra}")
         lines += [f"Requires-Dist: {req}; extra == \"{extra}\"" for req in reqs]
     files: dict[str, bytes] = {}
-    for path in sorted(RUNTIME_DIR.glob("*.py")):
-        files[f"p2v_runtime/{path.name}"] = path.read_bytes()
+    for path in sorted(RUNTIME_DIR.rglob("*.py")):  # subpackages too (p2v_runtime/server/)
+        files[f"p2v_runtime/{path.relative_to(RUNTIME_DIR).as_posix()}"] = path.read_bytes()
     files[f"{info}/METADATA"] = ("\n".join(lines) + "\n").encode("utf-8")
     files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: p2v build_addon.py\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
     scripts = project.get("scripts", {})

@@ -79,7 +79,7 @@ def synthetic_frames(count: int, width: int = 64, height: int = 64, seed: int = 
 
 
 class ArrayFrames:
-    """An in-memory clip with the FrameSource interface (what the editor reads)."""
+    """An in-memory clip as ``protocol.Frames``, what ``edit_clip`` and ``edit_on_server`` read."""
 
     def __init__(self, frames: list[np.ndarray]):
         self.frames = frames

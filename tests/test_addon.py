@@ -140,7 +140,7 @@ def test_runtime_wheel_metadata(built_addon):
 
     with zipfile.ZipFile(io.BytesIO(wheel)) as whl:
         names = whl.namelist()
-        assert "p2v_runtime/protocol.py" in names and "p2v_runtime/server.py" in names
+        assert "p2v_runtime/protocol.py" in names and "p2v_runtime/server/__init__.py" in names
         meta = whl.read(next(n for n in names if n.endswith("/METADATA"))).decode()
         assert "Provides-Extra: runtime" in meta and 'torch>=2.1; extra == "runtime"' in meta
         entry = whl.read(next(n for n in names if n.endswith("/entry_points.txt"))).decode()

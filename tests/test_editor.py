@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import ArrayFrames, synthetic_frames
-from p2v_runtime.editor import EditStats, edit_clip
+from p2v_runtime.editor import edit_clip
 from p2v_runtime.errors import EditCancelled
+from p2v_runtime.protocol import EditStats
 
 
 def run_edit(frames, settings, **kwargs):

@@ -271,6 +271,22 @@ def test_any_prefix_is_checked_before_use(header_len, payload_len, magic, versio
     assert 0 < got[0] <= P.MAX_HEADER_BYTES and got[1] <= P.MAX_PAYLOAD_BYTES
 
 
+# --- the stats every edit path reports ----------------------------------------------------------
+
+
+def test_edit_stats_round_trip_through_json():
+    stats = P.EditStats(frames=3, steps=2, seconds=1.5, working_size=(64, 32), bytes_in=10, device="cpu")
+    values = json.loads(json.dumps(stats.to_dict()))
+    assert values["working_size"] == [64, 32] and values["bytes_out"] == 0
+    assert P.EditStats.from_dict(values) == stats
+
+
+def test_edit_stats_from_an_older_or_newer_peer():
+    stats = P.EditStats.from_dict({"frames": 4, "a_future_counter": 7, "working_size": [8, 8]})
+    assert stats == P.EditStats(frames=4, working_size=(8, 8))
+    assert stats.update({"bytes_in": 5, "other": None}) is stats and stats.bytes_in == 5 and stats.frames == 4
+
+
 # --- stdlib only, and vendorable ----------------------------------------------------------------
 
 

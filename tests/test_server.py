@@ -23,7 +23,9 @@ import pytest
 
 from p2v_runtime import protocol as P
 from p2v_runtime.client import Client, ConnectionLost, RemoteError, ServerBusy, add_ping_arguments, edit_on_server, ping_main
-from p2v_runtime.server import Server, echo_job_runner
+from p2v_runtime.server import Server, add_serve_arguments
+from p2v_runtime.server.cli import runner_named
+from p2v_runtime.server.echo import EchoOptions, echo_job_runner, echo_options
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "127.0.0.1"
@@ -107,8 +109,9 @@ def rgb_frames(count: int, width: int, height: int, seed: int = 0) -> list[bytes
     return [rng.randbytes(width * height * 3) for _ in range(count)]
 
 
-def echo_settings(**extra) -> dict:
-    return {"prompt": "echo", "extra": extra}
+def echo_settings(options: str = "") -> dict:
+    """Settings for the echo runner; ``options`` are its prompt words, e.g. ``"steps=3 delay=0.05"``."""
+    return {"prompt": f"echo {options}".strip()}
 
 
 def run_all(client: Client, settings, frames, width, height, **kwargs) -> tuple[list, list, P.Message]:
@@ -230,6 +233,57 @@ def test_non_loopback_without_allow_remote_and_token_is_refused(args, env, needl
     assert needle in out.stderr and "\n" == out.stderr[-1] and out.stderr.count("\n") == 1
 
 
+def test_importing_the_server_loads_neither_torch_nor_numpy_nor_the_echo_runner():
+    code = ("import argparse, sys, p2v_runtime.server as s; s.add_serve_arguments(argparse.ArgumentParser()); "
+            "print(sorted(m for m in ('torch', 'numpy', 'p2v_runtime.editor', 'p2v_runtime.server.echo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_only_the_hidden_flag_selects_the_echo_runner():
+    from p2v_runtime.server import edit_job_runner
+
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    assert parser.parse_args([]).job_runner == "edit" and "job-runner" not in parser.format_help()
+    assert runner_named("edit") is edit_job_runner and runner_named("echo") is echo_job_runner
+    assert Server(token="t").job_runner is edit_job_runner
+
+
+@pytest.mark.parametrize(
+    "prompt, options",
+    [
+        ("echo", EchoOptions()),
+        ("echo steps=3 delay=0.05 fail_at=2 warn=frames were\nresized",
+         EchoOptions(steps=3, delay=0.05, fail_at=2, warn="frames were\nresized")),
+        ("warn=steps=9", EchoOptions(warn="steps=9")),
+        ("steps=0 delay=5", EchoOptions(steps=1, delay=1.0)),
+        ("steps=5000 delay=-1 steps=2.7", EchoOptions(steps=2)),
+        ("steps=nan delay=inf fail_at=two colour=red nowarn=x =", EchoOptions()),
+        ("a red car, steps=4", EchoOptions(steps=4)),
+    ],
+)
+def test_echo_options_come_from_the_prompt(prompt, options):
+    assert echo_options(prompt) == options
+
+
+def test_the_runtime_wheel_carries_the_server_package():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_addon
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(build_addon.runtime_wheel()[1])) as wheel:
+        names = set(wheel.namelist())
+    wanted = {f"p2v_runtime/server/{path.name}" for path in (ROOT / "p2v_runtime" / "server").glob("*.py")}
+    assert {"p2v_runtime/server/__init__.py", "p2v_runtime/server/__main__.py"} <= wanted <= names
+    assert not any("__pycache__" in name for name in names)
+
+
 # --- jobs ---------------------------------------------------------------------------------------
 
 
@@ -237,7 +291,7 @@ def test_echo_job_end_to_end(server):
     width, height = 48, 32
     frames = rgb_frames(6, width, height)
     with server.client() as client:
-        results, progress, final = run_all(client, echo_settings(echo_steps=3), frames, width, height)
+        results, progress, final = run_all(client, echo_settings("steps=3"), frames, width, height)
     assert [m["index"] for m in results] == list(range(6))
     assert [bytes(m.payload) for m in results] == frames
     assert all(m["shape"] == [height, width, 3] and m["dtype"] == "uint8" for m in results)
@@ -294,7 +348,7 @@ def test_a_failing_job_reports_its_error_and_the_connection_goes_on(server):
     with server.client() as client:
         received = []
         with pytest.raises(RemoteError) as info:
-            for message in client.run_job(echo_settings(echo_fail_at=2), frames, 8, 8):
+            for message in client.run_job(echo_settings("fail_at=2"), frames, 8, 8):
                 if message.type == "result":
                     received.append(message["index"])
         assert info.value.code == P.E_INPUT and not info.value.fatal and "fail at frame 2" in info.value.message
@@ -319,7 +373,7 @@ def test_cancel_stops_within_a_step_and_the_server_takes_the_next_job(server):
     with server.client() as client:
         results = []
         cancelled_at = final = None
-        for message in client.run_job(echo_settings(echo_delay=0.05, echo_steps=5), frames, 8, 8):
+        for message in client.run_job(echo_settings("delay=0.05 steps=5"), frames, 8, 8):
             if message.type == "result":
                 results.append(message)
                 if len(results) == 2:
@@ -387,7 +441,7 @@ def test_frames_in_flight_after_a_cancel_are_dropped(server):
 def test_disconnect_mid_job_cancels_it(server):
     frames = rgb_frames(50, 8, 8)
     client = server.client()
-    for message in client.run_job(echo_settings(echo_delay=0.05, echo_steps=2), frames, 8, 8):
+    for message in client.run_job(echo_settings("delay=0.05 steps=2"), frames, 8, 8):
         if message.type == "result":
             break  # 49 frames (5 s) to go
     client.close()
@@ -434,7 +488,7 @@ def test_a_second_client_gets_busy_and_the_running_job_is_undisturbed(server):
     def first_job():
         with server.client() as client:
             got = []
-            for message in client.run_job(echo_settings(echo_delay=0.05, echo_steps=1), frames, 16, 16):
+            for message in client.run_job(echo_settings("delay=0.05 steps=1"), frames, 16, 16):
                 if message.type == "result":
                     got.append(bytes(message.payload))
                     first_result.set()
@@ -828,7 +882,7 @@ def test_sigterm_mid_job_stops_the_server_cleanly(fresh_server):
     messages = []
     with client:
         with pytest.raises((RemoteError, ConnectionLost)):
-            for message in client.run_job(echo_settings(echo_delay=0.05), rgb_frames(100, 8, 8), 8, 8):
+            for message in client.run_job(echo_settings("delay=0.05"), rgb_frames(100, 8, 8), 8, 8):
                 messages.append(message.type)
                 if message.type == "result" and running.alive():
                     running.proc.send_signal(signal.SIGTERM)
@@ -855,7 +909,7 @@ def test_kill_minus_nine_mid_job_raises_a_clear_error_and_keeps_results(fresh_se
     received = []
     with running.client() as client:
         with pytest.raises(ConnectionLost) as info:
-            for message in client.run_job(echo_settings(echo_delay=0.03), frames, 8, 8):
+            for message in client.run_job(echo_settings("delay=0.03"), frames, 8, 8):
                 if message.type == "result":
                     received.append(bytes(message.payload))
                     if len(received) == 3:
@@ -912,28 +966,49 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
     monkeypatch.setenv("P2V_TOKEN", server.token)
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(4)]
-    progress, stats, warnings = [], {}, []
+    progress, stats, warnings = [], P.EditStats(), []
     remote = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays),
-                            EditSettings(prompt="x", extra={"echo_steps": 2, "echo_warn": "frames\nresized"}),
+                            EditSettings(prompt="echo steps=2 warn=frames\nresized"),
                             progress=lambda *p: progress.append(p), stats=stats, warn=warnings.append)
     got = list(remote)
     assert remote.stats is stats and warnings == ["frames resized"]
     assert [i for i, _ in got] == [0, 1, 2, 3]
     assert all(isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (24, 40, 3) for _, image in got)
     assert all(np.array_equal(image, arrays[i]) for i, image in got)
-    assert progress[-1] == ("edit", 8, 8) and stats["frames"] == 4 and "model_load_seconds" in stats
+    assert progress[-1] == ("edit", 8, 8) and stats.frames == 4 and stats.model_load_seconds == 0.0
+    assert stats.bytes_in >= sum(a.nbytes for a in arrays) and stats.bytes_out >= sum(a.nbytes for a in arrays)
+    unasked = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="echo"))
+    assert len(list(unasked)) == 4 and isinstance(unasked.stats, P.EditStats) and unasked.stats.frames == 4
     depth = ArrayFrames([np.full((24, 40), i, dtype=np.float32) for i in range(4)])
     assert len(list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x"), depth=depth))) == 4
     cancel = threading.Event()
     received = []
     with pytest.raises(EditCancelled):
         for index, _ in edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays * 5),
-                                       EditSettings(prompt="x", extra={"echo_delay": 0.02}), cancel=cancel):
+                                       EditSettings(prompt="echo delay=0.02"), cancel=cancel):
             received.append(index)
             cancel.set()
     assert received and received == list(range(len(received)))
     with pytest.raises(InputError, match="fail at frame 1"):
-        list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x", extra={"echo_fail_at": 1})))
+        list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="echo fail_at=1")))
+
+
+def test_cli_edit_on_a_server_writes_its_stats(server, monkeypatch, tmp_path):
+    np = pytest.importorskip("numpy")
+    from PIL import Image
+
+    from p2v_runtime import cli
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    for index in range(2):
+        Image.fromarray(np.full((16, 16, 3), index * 40, np.uint8)).save(clip / f"{index:03d}.png")
+    monkeypatch.setenv("P2V_TOKEN", server.token)
+    stats_file = tmp_path / "stats.json"
+    assert cli.main(["edit", str(clip), "--out", str(tmp_path / "out"), "--prompt", "echo", "--quiet",
+                     "--server", f"{HOST}:{server.port}", "--stats", str(stats_file)]) == 0
+    stats = P.EditStats.from_dict(json.loads(stats_file.read_text()))
+    assert stats.frames == 2 and stats.bytes_in > 2 * 16 * 16 * 3
 
 
 # --- a real edit through the socket ---------------------------------------------------------------
@@ -952,7 +1027,7 @@ def test_real_edit_job_matches_a_local_edit_bit_for_bit(request, tmp_path):
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
 
-    local = list(editor.edit_clip(ArrayFrames(arrays), settings, stats=editor.EditStats()))
+    local = list(editor.edit_clip(ArrayFrames(arrays), settings, stats=P.EditStats()))
 
     env = dict(TOKEN_ENV, P2V_TOKEN="real-edit", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "p2v_runtime.server", "--read-timeout", "30", "--spool-dir", str(tmp_path / "spool")]
@@ -976,9 +1051,9 @@ def test_real_edit_job_matches_a_local_edit_bit_for_bit(request, tmp_path):
         assert [i for i, _ in remote] == [i for i, _ in local]
         for (_, a), (_, b) in zip(remote, local):
             assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
-        assert stats["frames"] == 3 and stats["bytes_in"] > 3 * 64 * 64 * 3 and stats["bytes_out"] > 3 * 64 * 64 * 3
-    assert runs[0][1]["model_load_seconds"] > 0
-    assert runs[1][1]["model_load_seconds"] == 0  # warm: nothing loaded again
+        assert stats.frames == 3 and stats.bytes_in > 3 * 64 * 64 * 3 and stats.bytes_out > 3 * 64 * 64 * 3
+    assert runs[0][1].model_load_seconds > 0
+    assert runs[1][1].model_load_seconds == 0  # warm: nothing loaded again
     local_files, server_files = cli_runs
     assert local_files.keys() == server_files.keys() and len(local_files) == 3
     assert local_files == server_files  # `p2v edit --server` writes what `p2v edit` writes

@@ -89,20 +89,15 @@ class Recorder:
         self.thread.start()
 
     def run(self, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
-        from p2v_runtime.editor import EditStats, edit_clip
+        from p2v_runtime.editor import edit_clip
 
         folder = self.root / f"job{next(self._ids):02d}"
         folder.mkdir()
         (folder / "job.json").write_text(json.dumps({"prompt": settings.prompt, "depth": depth is not None,
                                                      "count": len(frames), "size": list(frames.size)}))
-        edit_stats = EditStats()
-        try:
-            yield from edit_clip(_Recording(frames, folder, "rgb"), settings,
-                                 depth=None if depth is None else _Recording(depth, folder, "z"), progress=progress,
-                                 cancel=cancel, stats=edit_stats, warn=warn, save_depth_dir=folder / "saved-depth")
-        finally:
-            if stats is not None:
-                stats.update(edit_stats.to_dict())
+        yield from edit_clip(_Recording(frames, folder, "rgb"), settings,
+                             depth=None if depth is None else _Recording(depth, folder, "z"), progress=progress,
+                             cancel=cancel, stats=stats, warn=warn, save_depth_dir=folder / "saved-depth")
 
     def job(self, prompt: str) -> Path:
         found = [p.parent for p in sorted(self.root.glob("job*/job.json"))

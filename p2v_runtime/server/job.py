@@ -1,0 +1,254 @@
+"""One job: the thread that runs the job runner over the spooled frames and sends its results.
+
+The job also decides its last message (``done`` with its :class:`EditStats`, ``cancelled``, or an
+``error`` whose code says what kind of failure it was) and sends it only after the job slot is
+free, so a client that hears it may submit its next job at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+from .. import protocol as P
+from ..errors import USER_ERRORS, EditCancelled, GpuOutOfMemory, InputError, ModelLoadError, P2VError
+from ..protocol import EditStats
+from ..settings import EditSettings, SettingsError
+from .spool import Spool, SpooledFrames
+
+log = logging.getLogger("p2v.serve")
+
+CANCEL_WAIT = 60.0  # longest wait for a job to notice its cancel flag on disconnect or shutdown
+
+# ``runner(frames, settings, *, depth, progress, cancel, stats, warn)`` yields ``(index, image)``
+# like ``edit_clip``; ``stats`` is the job's :class:`EditStats` for it to fill.
+JobRunner = Callable[..., Iterator[tuple[int, Any]]]
+
+
+def settings_from_wire(values: dict) -> EditSettings:
+    """The ``job`` message's settings as an :class:`EditSettings`; raises ``SettingsError``."""
+    return EditSettings.from_wire(values)
+
+
+def edit_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
+    """The real edit: ``editor.edit_clip``, imported on first use so the server starts fast."""
+    from ..editor import edit_clip
+
+    try:
+        yield from edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats, warn=warn)
+    finally:
+        _free_device_memory()
+
+
+def _free_device_memory() -> None:
+    """Give the job's activations and feature cache back to the GPU (the weights stay warm)."""
+    import gc
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+class Job:
+    """A job's state, shared by the connection that uploads its frames and the thread that edits them.
+
+    ``server`` holds the job slot this job frees when it ends; ``conn`` is the connection that
+    uploads the frames and sends the results (its ``writer``).
+    """
+
+    def __init__(self, server, conn, job_id: str, settings: EditSettings,
+                 count: int, width: int, height: int, has_depth: bool, folder: str):
+        self.server = server
+        self.conn = conn
+        self.id = job_id
+        self.settings = settings
+        self.count = count
+        self.width = width
+        self.height = height
+        self.has_depth = has_depth
+        self.folder = folder
+        self.peer = conn.peer
+        self.cancel = threading.Event()
+        self.finished = threading.Event()  # no more editing; the spool is gone
+        self.ended = threading.Event()  # finished, the job slot is free and the last message queued
+        self.cond = threading.Condition()
+        self.received = {"frame": 0, "depth": 0}
+        self.results_sent = 0
+        self.spools = {"frame": Spool(os.path.join(folder, "frames.rgb"), count, (height, width, 3), "uint8")}
+        if has_depth:
+            self.spools["depth"] = Spool(os.path.join(folder, "depth.f32"), count, (height, width), "float32")
+        self.thread: threading.Thread | None = None
+        self.started = time.monotonic()
+        self.bytes_in_start = conn.bytes_in
+        self.bytes_out_start = conn.writer.bytes_out
+        self._finish_lock = threading.Lock()
+
+    # upload side (the connection's reader thread)
+
+    def next_expected(self) -> tuple[str, int] | None:
+        frames, depths = self.received["frame"], self.received["depth"]
+        if frames >= self.count and (not self.has_depth or depths >= self.count):
+            return None
+        if self.has_depth and depths < frames:
+            return "depth", depths
+        return "frame", frames
+
+    def store(self, kind: str, data: memoryview) -> None:
+        with self.cond:
+            if not self.finished.is_set():
+                self.spools[kind].append(data)
+            self.received[kind] += 1
+            self.cond.notify_all()
+
+    def upload_complete(self) -> bool:
+        return self.next_expected() is None
+
+    # editor side
+
+    def wait_for(self, kind: str, index: int) -> None:
+        with self.cond:
+            while self.received[kind] <= index:
+                if self.cancel.is_set() or self.finished.is_set():
+                    raise EditCancelled(self.results_sent)
+                self.cond.wait(0.25)
+
+    def start(self) -> None:
+        if self.thread is None and not self.finished.is_set():
+            self.thread = threading.Thread(target=self._run, name=f"p2v-job-{self.id}", daemon=True)
+            self.thread.start()
+
+    def request_cancel(self) -> None:
+        self.cancel.set()
+        with self.cond:
+            self.cond.notify_all()
+        if self.thread is None:
+            self.finish({"type": "cancelled", "frames_done": self.results_sent})
+
+    def wait(self, timeout: float) -> bool:
+        return self.ended.wait(timeout)
+
+    def _progress(self, stage, done, total) -> None:
+        try:
+            header = {"type": "progress", "stage": str(stage)[:64], "done": int(done), "total": int(total)}
+        except (TypeError, ValueError):
+            return
+        self.conn.writer.send(header)
+
+    def _warn(self, message) -> None:
+        self.conn.writer.send({"type": "warning", "message": P.one_line(str(message))})
+
+    def _run(self) -> None:
+        final: dict | None = None
+        stats = EditStats()
+        iterator = None
+        try:
+            frames = SpooledFrames(self, "frame")
+            depth = SpooledFrames(self, "depth") if self.has_depth else None
+            iterator = self.server.job_runner(frames, self.settings, depth=depth, progress=self._progress,
+                                              cancel=self.cancel, stats=stats, warn=self._warn)
+            for index, image in iterator:
+                if self.cancel.is_set():
+                    raise EditCancelled(self.results_sent)
+                if index != self.results_sent:
+                    raise RuntimeError(f"the editor yielded frame {index} where {self.results_sent} was due")
+                payload = _image_payload(image, self.width, self.height)
+                header = P.frame_header("result", index, self.width, self.height)
+                if not self.conn.writer.send_result(header, payload, self.cancel.is_set):
+                    raise EditCancelled(self.results_sent)
+                self.results_sent += 1
+            final = {"type": "done", "frames": self.results_sent, "stats": self._stats(stats)}
+        except EditCancelled:
+            final = {"type": "cancelled", "frames_done": self.results_sent}
+        except USER_ERRORS as exc:
+            final = P.error_header(_error_code(exc), str(exc), False)
+        except ImportError as exc:
+            log.exception("job %s: the editor could not be imported", self.id)
+            final = P.error_header(P.E_INTERNAL, f"the runtime's editor is not available: {exc}", False)
+        except MemoryError:
+            final = P.error_header(P.E_INTERNAL, "the runtime ran out of memory", False)
+        except Exception as exc:  # never let a job take the server down
+            log.exception("job %s failed", self.id)
+            final = P.error_header(P.E_INTERNAL, f"internal error in the runtime: {type(exc).__name__}: {exc}", False)
+        finally:
+            if iterator is not None and hasattr(iterator, "close"):
+                try:
+                    iterator.close()
+                except Exception:
+                    log.exception("job %s: closing the editor failed", self.id)
+            self.finish(final)
+
+    def _stats(self, stats: EditStats) -> dict:
+        """The runner's stats with what only the server knows: results sent, bytes, wall time."""
+        stats.frames = self.results_sent
+        stats.bytes_in = self.conn.bytes_in - self.bytes_in_start
+        stats.bytes_out = self.conn.writer.bytes_out - self.bytes_out_start
+        stats.seconds = round(time.monotonic() - self.started, 6)
+        return _json_safe(stats.to_dict())
+
+    def finish(self, final: dict | None) -> None:
+        """Clean up once, free the server for the next job, then send the job's last message."""
+        with self._finish_lock:
+            if self.finished.is_set():
+                return
+            with self.cond:
+                self.finished.set()
+                self.cond.notify_all()
+                for spool in self.spools.values():
+                    spool.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.server._end_job(self)
+            if final is not None:
+                self.conn.writer.send(final)
+            self.ended.set()
+        log.info("job %s ended: %s", self.id, final["type"] if final else "no message")
+
+
+def _image_payload(image, width: int, height: int) -> memoryview:
+    view = memoryview(image)
+    expected = (height, width, 3)
+    if view.format not in ("B", "b", "c") or view.nbytes != width * height * 3 or (
+        view.ndim == 3 and tuple(view.shape) != expected
+    ):
+        raise RuntimeError(f"the editor yielded an image of shape {tuple(view.shape)}, format {view.format!r}; expected {expected} uint8")
+    if not view.c_contiguous:
+        view = memoryview(view.tobytes())
+    return view.cast("B") if view.ndim != 1 or view.format != "B" else view
+
+
+def _error_code(exc: P2VError) -> str:
+    if isinstance(exc, SettingsError):
+        return P.E_SETTINGS
+    if isinstance(exc, InputError):
+        return P.E_INPUT
+    if isinstance(exc, ModelLoadError):
+        return P.E_MODEL_LOAD
+    if isinstance(exc, GpuOutOfMemory):
+        return P.E_GPU_OOM
+    return P.E_EDIT_FAILED
+
+
+def _json_safe(value, depth: int = 0):
+    """Stats as plain JSON: non-finite floats become None, unknown objects their str()."""
+    if depth > 8:
+        return None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, depth + 1) for v in value]
+    if hasattr(value, "item"):  # numpy scalars
+        try:
+            return _json_safe(value.item(), depth + 1)
+        except Exception:
+            pass
+    return str(value)
