@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .files import atomic_write
 
 CACHE_FORMAT = "p2v-inversion-v1"
 
@@ -65,11 +66,7 @@ class InversionCache:
 
     def store(self, key: str, latent: np.ndarray) -> None:
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=self.folder)
-            with os.fdopen(handle, "wb") as stream:
-                np.save(stream, latent, allow_pickle=False)
-            os.replace(temp, self.folder / f"{key}.npy")
+            atomic_write(self.folder / f"{key}.npy", lambda file: np.save(file, latent, allow_pickle=False))
         except OSError as exc:
             if self._warn and not self._warned:
                 self._warned = True

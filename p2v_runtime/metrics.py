@@ -42,12 +42,12 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
 from .errors import InputError, ModelLoadError
+from .files import atomic_write_text
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 FLOW_METHODS = ("dis", "farneback", "raft")
@@ -525,24 +525,7 @@ def eval_main(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if args.json:
         try:
-            write_text_atomically(Path(args.json), text)
+            atomic_write_text(args.json, text)
         except OSError as exc:
             raise InputError(f"cannot write --json {args.json}: {exc.strerror or exc}") from None
     return 0
-
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Write via a hidden temporary name, then rename: a reader never sees half a file."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
