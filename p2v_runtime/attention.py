@@ -81,10 +81,6 @@ class FeatureBank:
         self._current_bytes = 0
         self.recording = self.injecting = False
 
-    def stop(self) -> None:
-        """Switch recording and injection off (inversion, plain sampling)."""
-        self.recording = self.injecting = False
-
     def record(self, layer: str, features) -> None:
         self.current[(self.step, layer)] = features.detach()
         self._current_bytes += features.numel() * features.element_size()

@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -68,7 +68,7 @@ def model_location(name: str) -> str:
 
 @dataclass
 class DepthPipeline:
-    """The loaded depth-to-image pipeline plus what the editor derives from it once."""
+    """The loaded depth-to-image pipeline, with what the editor and the inversion cache need."""
 
     pipe: Any  # diffusers.StableDiffusionDepth2ImgPipeline
     device: str
@@ -76,15 +76,10 @@ class DepthPipeline:
     name: str
     fingerprint: str
     load_seconds: float
-    prompt_embeddings: dict[str, Any] = field(default_factory=dict)
 
     @property
     def unet(self):
         return self.pipe.unet
-
-    @property
-    def vae(self):
-        return self.pipe.vae
 
 
 @dataclass
