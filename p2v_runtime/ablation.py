@@ -40,6 +40,7 @@ import numpy as np
 
 from . import settings as settings_module
 from .errors import InputError
+from .files import atomic_write, atomic_write_text
 
 EXIT_INTERRUPTED = 130
 VARIANT_SETTINGS = ("injection", "update")  # each variant sets these
@@ -175,11 +176,12 @@ def _metrics_line(summary: dict) -> str:
 
 
 def write_reports(out_dir: Path, report: dict, frames, columns: int = 6) -> None:
-    from .metrics import write_text_atomically
+    from PIL import Image
 
-    write_text_atomically(out_dir / "ablation.json", json.dumps(report, indent=2) + "\n")
-    write_text_atomically(out_dir / "ablation.md", markdown_table(report))
-    _save_png_atomically(out_dir / "contact_sheet.png", contact_sheet(frames, out_dir, report, columns))
+    atomic_write_text(out_dir / "ablation.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out_dir / "ablation.md", markdown_table(report))
+    sheet = Image.fromarray(contact_sheet(frames, out_dir, report, columns))
+    atomic_write(out_dir / "contact_sheet.png", lambda file: sheet.save(file, format="PNG"))
     pixel_mse_plot(report, out_dir / "pixel_mse.png")
 
 
@@ -255,19 +257,6 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def _save_png_atomically(path: Path, rgb: np.ndarray) -> Path:
-    from PIL import Image
-
-    temp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        Image.fromarray(rgb).save(temp)
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def pixel_mse_plot(report: dict, path: Path) -> Path:
     """Per-frame Pixel-MSE of each variant (frame i+1 against frame i warped onto it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -295,14 +284,7 @@ def pixel_mse_plot(report: dict, path: Path) -> Path:
     else:
         axes.text(0.5, 0.5, "one frame: no consecutive pairs", ha="center", va="center", transform=axes.transAxes)
     figure.tight_layout()
-    temp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        figure.savefig(temp, format="png")
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda file: figure.savefig(file, format="png"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ for bit.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterator, Sequence
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 # Which frames each injection mode attends to; the order is the token order of K/V.
 SOURCES_BY_MODE = {
@@ -81,10 +84,6 @@ class FeatureBank:
         self._current_bytes = 0
         self.recording = self.injecting = False
 
-    def stop(self) -> None:
-        """Switch recording and injection off (inversion, plain sampling)."""
-        self.recording = self.injecting = False
-
     def record(self, layer: str, features) -> None:
         self.current[(self.step, layer)] = features.detach()
         self._current_bytes += features.numel() * features.element_size()
@@ -94,8 +93,6 @@ class FeatureBank:
         """The features to take K/V from for this layer and step, or None for plain attention."""
         if not self.injecting:
             return None
-        import torch
-
         parts = [getattr(self, role)[(self.step, layer)] for role in self.sources]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -113,8 +110,6 @@ class InjectingSelfAttention:
     """A diffusers attention processor that records and injects through a :class:`FeatureBank`."""
 
     def __init__(self, layer: str, bank: FeatureBank):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
         self.layer = layer
         self.bank = bank
         self.attend = AttnProcessor2_0()
@@ -129,7 +124,7 @@ class InjectingSelfAttention:
 
 
 @contextlib.contextmanager
-def injection_installed(unet, layers: list[str], bank: FeatureBank) -> Iterator[None]:
+def injection_installed(unet, layers: Sequence[str], bank: FeatureBank) -> Iterator[None]:
     """Install the injecting processors on ``layers`` and restore the UNet's own ones afterwards.
 
     The UNet is shared through the warm model cache, so it must leave this block as it came in,

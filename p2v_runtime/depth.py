@@ -13,7 +13,11 @@ flickers when the depth range changes); ``frame`` keeps the official behaviour.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
+import torch
+from PIL import Image
 
 from .errors import InputError
 
@@ -28,11 +32,6 @@ def estimate_inverse_depth(pipeline, rgb: np.ndarray, latent_hw: tuple[int, int]
     Mirrors ``StableDiffusionDepth2ImgPipeline.prepare_depth_map`` (same preprocessing, autocast
     for fp16, bicubic resize) but stops before the per-frame min/max, which is ours to choose.
     """
-    import contextlib
-
-    import torch
-    from PIL import Image
-
     pipe = pipeline.pipe
     pixel_values = pipe.feature_extractor(images=[Image.fromarray(rgb)], return_tensors="pt").pixel_values
     pixel_values = pixel_values.to(device=pipeline.device, dtype=pipeline.dtype)
@@ -54,8 +53,6 @@ def zpass_to_inverse_depth(z: np.ndarray, latent_hw: tuple[int, int], label: str
     known: with clip normalisation that is the clip's farthest surface, so the background does not
     jump from frame to frame when the farthest object of a frame changes.
     """
-    import torch
-
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2:
         raise InputError(f"{label}: expected a 2-D depth map, got shape {z.shape}")

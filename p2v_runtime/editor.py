@@ -14,13 +14,22 @@ import contextlib
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from . import depth as depth_conv
+from .attention import FeatureBank, injection_installed, self_attention_layers
+from .caption import caption_frame
 from .errors import EditCancelled, GpuOutOfMemory, InputError
+from .frames import resize_rgb, working_size, write_depth_png
+from .guidance import apply_update, autograd_gradient, x0_gradient
+from .inversion import InversionCache, ddim_schedulers, default_cache_dir, encode_latent, inversion_key, invert
+from .models import DepthPipeline, dtype_name, load_captioner, load_depth_pipeline
 from .protocol import EditStats, Frames
 from .settings import EditSettings
 
@@ -49,8 +58,29 @@ def edit_clip(
     yield from editor.run()
 
 
+@dataclass(frozen=True)
+class ClipContext:
+    """What one clip's edit fixes before its first frame; ``_ClipEditor._load`` builds it once."""
+
+    pipeline: DepthPipeline
+    work_size: tuple[int, int]  # (width, height) the model sees the frames at
+    latent_hw: tuple[int, int]  # (height, width) of the latents and of the model depth
+    inversion_cache: InversionCache
+    depth_range: tuple[float, float] | None  # the clip's inverse-depth range; None: each frame's own
+    source_prompt: str  # inversion's condition, part of its cache key
+    source_embedding: torch.Tensor  # conditional only: inversion runs at guidance 1
+    edit_embedding: torch.Tensor  # [unconditional, conditional], for classifier-free guidance
+    scheduler: DDIMScheduler
+    inverse_scheduler: DDIMInverseScheduler
+    layers: tuple[str, ...]  # the self-attention layers that record and inject
+
+
 class _ClipEditor:
-    """State of one clip's edit; only ``edit_clip`` creates it."""
+    """One clip's edit; only ``edit_clip`` creates it.
+
+    The inputs are fixed at construction and what the clip fixes is built once into a
+    :class:`ClipContext`; what changes from frame to frame is named in :meth:`_edit_frames`.
+    """
 
     def __init__(self, frames, settings, depth, progress, cancel, stats, save_depth_dir, warn):
         self.frames = frames
@@ -67,13 +97,11 @@ class _ClipEditor:
     # -- the clip -----------------------------------------------------------------------------
 
     def run(self) -> Iterator[tuple[int, np.ndarray]]:
-        import torch
-
         started = time.perf_counter()
         try:
             self._check_inputs()
-            self._load()
-            yield from self._edit_frames()
+            clip, first, clip_depths = self._load()
+            yield from self._edit_frames(clip, first, clip_depths)
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory(self._out_of_memory_message()) from exc
         except RuntimeError as exc:
@@ -100,103 +128,113 @@ class _ClipEditor:
             except OSError as exc:
                 raise InputError(f"cannot create --save-depth folder {self.save_depth_dir}: {exc.strerror}") from exc
 
-    def _load(self) -> None:
-        import torch
+    def _load(self) -> tuple[ClipContext, np.ndarray, list | None]:
+        """Everything fixed for the clip, in the order the progress shows: model, depth, caption.
 
-        from .frames import working_size
-        from .inversion import InversionCache, default_cache_dir
-        from .models import dtype_name, load_depth_pipeline
-
+        Also returns what was computed on the way and is used once later: the first frame at the
+        working size (captioned here, edited first) and, with clip normalisation, every frame's
+        inverse depth (the range needs them all before the first frame).
+        """
+        settings, stats = self.settings, self.stats
         self.report("load", 0, 1)
-        self.pipeline, loaded = load_depth_pipeline(self.settings.model, self.settings.device, self.settings.dtype)
+        pipeline, loaded = load_depth_pipeline(settings.model, settings.device, settings.dtype)
         if loaded:
-            self.stats.model_load_seconds += self.pipeline.load_seconds
+            stats.model_load_seconds += pipeline.load_seconds
         self.report("load", 1, 1)
-        self.stats.device = self.pipeline.device
-        self.stats.dtype = dtype_name(self.pipeline.dtype)
-        self.stats.steps = self.settings.steps
-        self.stats.depth_source = "file" if self.depth_files is not None else "estimate"
-        width, height = working_size(*self.frames.size, self.settings.size)
-        scale = self.pipeline.pipe.vae_scale_factor
-        self.work_size = (width, height)
-        self.latent_hw = (height // scale, width // scale)
-        self.stats.working_size = self.work_size
-        cache_dir = self.settings.cache_dir or default_cache_dir()
-        self.cache = InversionCache(cache_dir, warn=self.warn)
-        if self.pipeline.device == "cuda":
+        stats.device = pipeline.device
+        stats.dtype = dtype_name(pipeline.dtype)
+        stats.steps = settings.steps
+        stats.depth_source = "file" if self.depth_files is not None else "estimate"
+        width, height = working_size(*self.frames.size, settings.size)
+        scale = pipeline.pipe.vae_scale_factor
+        work_size, latent_hw = (width, height), (height // scale, width // scale)
+        stats.working_size = work_size
+        inversion_cache = InversionCache(settings.cache_dir or default_cache_dir(), warn=self.warn)
+        if pipeline.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
-    def _edit_frames(self) -> Iterator[tuple[int, np.ndarray]]:
-        from .attention import FeatureBank, self_attention_layers
-        from .inversion import ddim_schedulers
-
-        clip_range = self._clip_depth_range() if self.settings.depth_norm == "clip" else None
+        clip_depths, depth_range = None, None
+        if settings.depth_norm == "clip":
+            clip_depths = self._clip_inverse_depths(pipeline, work_size, latent_hw)
+            depth_range = depth_conv.depth_range(clip_depths, "clip")
         self._check_cancel()  # loading and depth can take long; the caption cannot be interrupted
-        first = self._work_frame(0)
+        first = self._work_frame(0, work_size)
         source_prompt = self._source_prompt(first)
-        self.stats.source_prompt = source_prompt
-        self.source_embedding = self._embed(source_prompt, guided=False)
-        self.edit_embedding = self._embed(self.settings.prompt, guided=True)
-        self.scheduler, self.inverse_scheduler = ddim_schedulers(self.pipeline, self.settings.steps)
-        self.bank = FeatureBank(self.settings.injection)
-        self.layers = self_attention_layers(self.pipeline.unet, self.settings.layers)
-        self.previous_x0: list | None = None
+        stats.source_prompt = source_prompt
+        source_embedding = self._embed(pipeline, source_prompt, guided=False)
+        edit_embedding = self._embed(pipeline, settings.prompt, guided=True)
+        scheduler, inverse_scheduler = ddim_schedulers(pipeline, settings.steps)
+        clip = ClipContext(
+            pipeline=pipeline,
+            work_size=work_size,
+            latent_hw=latent_hw,
+            inversion_cache=inversion_cache,
+            depth_range=depth_range,
+            source_prompt=source_prompt,
+            source_embedding=source_embedding,
+            edit_embedding=edit_embedding,
+            scheduler=scheduler,
+            inverse_scheduler=inverse_scheduler,
+            layers=tuple(self_attention_layers(pipeline.unet, settings.layers)),
+        )
+        return clip, first, clip_depths
+
+    def _edit_frames(self, clip: ClipContext, first: np.ndarray, clip_depths: list | None
+                     ) -> Iterator[tuple[int, np.ndarray]]:
+        """The frame loop. From one frame to the next carry only ``bank``, ``previous_x0``,
+        ``self.frames_done`` and the unused rest of ``clip_depths``."""
+        bank = FeatureBank(self.settings.injection)  # the anchor's and the previous frame's features
+        previous_x0: list | None = None  # the previous frame's x0 prediction at each updated step
         for index in range(self.count):
-            rgb = first if index == 0 else self._work_frame(index)
-            model_depth = self._model_depth(index, rgb, clip_range)
-            start = self._inverted(index, rgb, model_depth)
-            latent = self._denoise(index, start, model_depth)
-            edited = self._decode(latent)
+            rgb = first if index == 0 else self._work_frame(index, clip.work_size)
+            model_depth = self._model_depth(clip, index, rgb, clip_depths)
+            start = self._inverted(clip, index, rgb, model_depth)
+            latent, previous_x0 = self._denoise(clip, bank, index, start, model_depth, previous_x0)
+            edited = self._decode(clip, latent)
             self.frames_done += 1
             self.stats.frames = self.frames_done
             yield index, edited
 
     # -- depth and prompts --------------------------------------------------------------------
 
-    def _work_frame(self, index: int) -> np.ndarray:
-        from .frames import resize_rgb
+    def _work_frame(self, index: int, work_size: tuple[int, int]) -> np.ndarray:
+        return resize_rgb(self.frames.read(index), work_size)
 
-        return resize_rgb(self.frames.read(index), self.work_size)
-
-    def _inverse_depth(self, index: int, rgb: np.ndarray) -> np.ndarray:
+    def _inverse_depth(self, pipeline: DepthPipeline, latent_hw: tuple[int, int], index: int,
+                       rgb: np.ndarray) -> np.ndarray:
         if self.depth_files is not None:
-            return depth_conv.zpass_to_inverse_depth(self.depth_files.read(index), self.latent_hw, f"depth of frame {index}")
-        return depth_conv.estimate_inverse_depth(self.pipeline, rgb, self.latent_hw)
+            return depth_conv.zpass_to_inverse_depth(self.depth_files.read(index), latent_hw, f"depth of frame {index}")
+        return depth_conv.estimate_inverse_depth(pipeline, rgb, latent_hw)
 
-    def _clip_depth_range(self) -> tuple[float, float]:
-        """Min and max inverse depth over the clip; keeps the small latent-size maps for later."""
-        self.inverse_depths = []
+    def _clip_inverse_depths(self, pipeline: DepthPipeline, work_size: tuple[int, int],
+                             latent_hw: tuple[int, int]) -> list[np.ndarray]:
+        """Every frame's inverse depth at latent size (small), for the clip's range and for later."""
+        maps = []
         for index in range(self.count):
             self._check_cancel()
-            rgb = self._work_frame(index)
-            self.inverse_depths.append(self._inverse_depth(index, rgb))
+            rgb = self._work_frame(index, work_size)
+            maps.append(self._inverse_depth(pipeline, latent_hw, index, rgb))
             self.report("depth", index + 1, self.count)
-        return depth_conv.depth_range(self.inverse_depths, "clip")
+        return maps
 
-    def _model_depth(self, index: int, rgb: np.ndarray, clip_range):
+    def _model_depth(self, clip: ClipContext, index: int, rgb: np.ndarray, clip_depths: list | None
+                     ) -> torch.Tensor:
         """The (1, 1, h, w) depth the UNet sees, in [-1, 1]; also written for --save-depth."""
-        import torch
-
-        if clip_range is not None:
-            inverse, (low, high) = self.inverse_depths[index], clip_range
-            self.inverse_depths[index] = None  # used once; frees as the clip goes
+        if clip.depth_range is not None:
+            inverse, (low, high) = clip_depths[index], clip.depth_range
+            clip_depths[index] = None  # used once; frees as the clip goes
         else:
-            inverse = self._inverse_depth(index, rgb)
+            inverse = self._inverse_depth(clip.pipeline, clip.latent_hw, index, rgb)
             low, high = depth_conv.depth_range([inverse], f"depth of frame {index}")
             self.report("depth", index + 1, self.count)
         model_depth = depth_conv.normalise(inverse, low, high)
         if self.save_depth_dir is not None:
-            from .frames import write_depth_png
-
             write_depth_png(self.save_depth_dir / f"{index:06d}.png", depth_conv.to_display(model_depth))
-        return torch.from_numpy(model_depth)[None, None].to(self.pipeline.device, self.pipeline.dtype)
+        return torch.from_numpy(model_depth)[None, None].to(clip.pipeline.device, clip.pipeline.dtype)
 
     def _source_prompt(self, first: np.ndarray) -> str:
         if self.settings.source_prompt is not None:
             return self.settings.source_prompt
-        from .caption import caption_frame
-        from .models import load_captioner
-
         self.report("caption", 0, 1)
         captioner, loaded = load_captioner(self.settings.captioner, self.settings.device)
         if loaded:
@@ -205,117 +243,105 @@ class _ClipEditor:
         self.report("caption", 1, 1)
         return caption
 
-    def _embed(self, prompt: str, guided: bool):
+    def _embed(self, pipeline: DepthPipeline, prompt: str, guided: bool) -> torch.Tensor:
         """Text embeddings; guided ones are [unconditional (the negative prompt), conditional]."""
-        import torch
-
         with torch.no_grad():
-            positive, negative = self.pipeline.pipe.encode_prompt(
-                prompt, self.pipeline.device, 1, guided, negative_prompt=self.settings.negative_prompt if guided else None
+            positive, negative = pipeline.pipe.encode_prompt(
+                prompt, pipeline.device, 1, guided, negative_prompt=self.settings.negative_prompt if guided else None
             )
         return torch.cat([negative, positive]) if guided else positive
 
     # -- inversion ----------------------------------------------------------------------------
 
-    def _inverted(self, index: int, rgb: np.ndarray, model_depth):
+    def _inverted(self, clip: ClipContext, index: int, rgb: np.ndarray, model_depth: torch.Tensor) -> torch.Tensor:
         """x_T of this frame, from the cache when the same frame was inverted before."""
-        import torch
-
-        from .inversion import encode_latent, inversion_key, invert
-
-        steps = self.settings.steps
+        pipeline, steps = clip.pipeline, self.settings.steps
         key = inversion_key(
             rgb,
             model_depth.float().cpu().numpy(),
-            self.pipeline.fingerprint,
-            self.stats.source_prompt,
+            pipeline.fingerprint,
+            clip.source_prompt,
             steps,
-            self.pipeline.device,
-            self.stats.dtype,
+            pipeline.device,
+            dtype_name(pipeline.dtype),
         )
-        cached = self.cache.load(key)
-        expected = (1, self.pipeline.unet.config.out_channels, *self.latent_hw)
+        cached = clip.inversion_cache.load(key)
+        expected = (1, pipeline.unet.config.out_channels, *clip.latent_hw)
         if cached is not None and cached.shape == expected:
             self.stats.inversion_cache_hits += 1
             self.report("inversion", (index + 1) * steps, self.count * steps)
-            return torch.from_numpy(cached).to(self.pipeline.device)
+            return torch.from_numpy(cached).to(pipeline.device)
 
         def before_step(step: int) -> None:
             self._check_cancel()
             self.report("inversion", index * steps + step, self.count * steps)
 
-        with self._counting("unet_calls_inversion"):
-            latent = encode_latent(self.pipeline, rgb)
-            start = invert(self.pipeline, latent, model_depth, self.source_embedding, self.inverse_scheduler,
-                           before_step)
+        with self._counting(pipeline.unet, "unet_calls_inversion"):
+            latent = encode_latent(pipeline, rgb)
+            start = invert(pipeline, latent, model_depth, clip.source_embedding, clip.inverse_scheduler, before_step)
         self.report("inversion", (index + 1) * steps, self.count * steps)
-        self.cache.store(key, start.cpu().numpy())
+        clip.inversion_cache.store(key, start.cpu().numpy())
         return start
 
     # -- the edit -----------------------------------------------------------------------------
 
-    def _denoise(self, index: int, start, model_depth):
-        """Sample frame ``index`` from its inverted noise with injection and the guided update."""
-        import torch
+    def _denoise(self, clip: ClipContext, bank: FeatureBank, index: int, start: torch.Tensor,
+                 model_depth: torch.Tensor, previous_x0: list | None) -> tuple[torch.Tensor, list | None]:
+        """Sample frame ``index`` from its inverted noise with injection and the guided update.
 
-        from .attention import injection_installed
-        from .guidance import apply_update, autograd_gradient, x0_gradient
-
+        Returns the clean latent and this frame's x0 predictions (None without the update), which
+        the next frame's update pulls towards.
+        """
         settings = self.settings
         last_update = settings.last_update_step()
         keep_x0 = settings.update != "off"  # the next frame's update needs this frame's predictions
-        guided_update = keep_x0 and index > 0 and self.previous_x0 is not None
+        guided_update = keep_x0 and index > 0 and previous_x0 is not None
         depth_pair = torch.cat([model_depth] * 2)
         x0_trajectory = []
         sample = start
-        self.bank.begin_frame(index)
-        with self._counting("unet_calls_edit"), injection_installed(self.pipeline.unet, self.layers, self.bank):
-            for step, timestep in enumerate(self.scheduler.timesteps):
+        bank.begin_frame(index)
+        unet = clip.pipeline.unet
+        with self._counting(unet, "unet_calls_edit"), injection_installed(unet, clip.layers, bank):
+            for step, timestep in enumerate(clip.scheduler.timesteps):
                 self._check_cancel()
                 self.report("edit", index * settings.steps + step, self.count * settings.steps)
-                self.bank.step = step
+                bank.step = step
                 update_now = guided_update and step <= last_update
                 if update_now and settings.update == "autograd":
                     sample_in = sample.detach().requires_grad_(True)
                     with torch.enable_grad():
-                        prev_sample, x0_hat = self._ddim_step(sample_in, timestep, depth_pair)
-                        gradient = autograd_gradient(sample_in, x0_hat, self.previous_x0[step])
+                        prev_sample, x0_hat = self._ddim_step(clip, sample_in, timestep, depth_pair)
+                        gradient = autograd_gradient(sample_in, x0_hat, previous_x0[step])
                     prev_sample, x0_hat = prev_sample.detach(), x0_hat.detach()
                 else:
                     with torch.no_grad():
-                        prev_sample, x0_hat = self._ddim_step(sample, timestep, depth_pair)
+                        prev_sample, x0_hat = self._ddim_step(clip, sample, timestep, depth_pair)
                     if update_now:
-                        gradient = x0_gradient(x0_hat, self.previous_x0[step])
+                        gradient = x0_gradient(x0_hat, previous_x0[step])
                 if update_now:
                     prev_sample = apply_update(prev_sample, gradient, settings.update_delta)
                 if keep_x0 and step <= last_update:
                     x0_trajectory.append(x0_hat)
                 sample = prev_sample
-        self.bank.end_frame(index)
-        self.stats.feature_cache_bytes = self.bank.peak_bytes
-        self.previous_x0 = x0_trajectory if keep_x0 else None
+        bank.end_frame(index)
+        self.stats.feature_cache_bytes = bank.peak_bytes
         self.report("edit", (index + 1) * settings.steps, self.count * settings.steps)
-        return sample
+        return sample, (x0_trajectory if keep_x0 else None)
 
-    def _ddim_step(self, sample, timestep, depth_pair):
+    def _ddim_step(self, clip: ClipContext, sample, timestep, depth_pair):
         """One DDIM (eta 0) step with classifier-free guidance batched into one UNet call."""
-        import torch
-
-        model_input = torch.cat([torch.cat([sample] * 2).to(self.pipeline.dtype), depth_pair], dim=1)
-        noise = self.pipeline.unet(model_input, timestep, encoder_hidden_states=self.edit_embedding).sample
+        pipeline = clip.pipeline
+        model_input = torch.cat([torch.cat([sample] * 2).to(pipeline.dtype), depth_pair], dim=1)
+        noise = pipeline.unet(model_input, timestep, encoder_hidden_states=clip.edit_embedding).sample
         unconditional, conditional = noise.float().chunk(2)
         guided = unconditional + self.settings.guidance * (conditional - unconditional)
-        out = self.scheduler.step(guided, timestep, sample, eta=0.0)
+        out = clip.scheduler.step(guided, timestep, sample, eta=0.0)
         return out.prev_sample, out.pred_original_sample
 
-    def _decode(self, latent) -> np.ndarray:
-        import torch
-
-        from .frames import resize_rgb
-
-        pipe = self.pipeline.pipe
+    def _decode(self, clip: ClipContext, latent: torch.Tensor) -> np.ndarray:
+        pipe = clip.pipeline.pipe
         with torch.no_grad():
-            image = pipe.vae.decode((latent / pipe.vae.config.scaling_factor).to(self.pipeline.dtype)).sample
+            image = pipe.vae.decode((latent / pipe.vae.config.scaling_factor).to(clip.pipeline.dtype)).sample
         array = pipe.image_processor.postprocess(image, output_type="np")[0]
         rgb = (np.clip(array, 0.0, 1.0) * 255.0).round().astype(np.uint8)
         return resize_rgb(rgb, tuple(self.frames.size))
@@ -327,14 +353,14 @@ class _ClipEditor:
             raise EditCancelled(self.frames_done)
 
     @contextlib.contextmanager
-    def _counting(self, field: str):
+    def _counting(self, unet, field: str):
         """Count real UNet forward calls (a hook on the module) into ``stats.<field>``."""
 
         def count(module, args):
             setattr(self.stats, field, getattr(self.stats, field) + 1)
             self.stats.unet_calls += 1
 
-        handle = self.pipeline.unet.register_forward_pre_hook(count)
+        handle = unet.register_forward_pre_hook(count)
         try:
             yield
         finally:
@@ -356,9 +382,7 @@ class _ClipEditor:
         self.stats.frames = self.frames_done
         self.stats.seconds_per_frame = self.stats.seconds / self.frames_done if self.frames_done else None
         self.stats.peak_rss_bytes = peak_rss_bytes()
-        if getattr(self, "pipeline", None) is not None and self.pipeline.device == "cuda":
-            import torch
-
+        if self.stats.device == "cuda":  # set once the model is loaded, on the edit's device
             self.stats.peak_gpu_bytes = int(torch.cuda.max_memory_allocated())
 
 

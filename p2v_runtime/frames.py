@@ -23,7 +23,6 @@ import math
 import os
 import re
 import subprocess
-import tempfile
 from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -32,6 +31,7 @@ import numpy as np
 
 from . import settings
 from .errors import InputError
+from .files import atomic_write, replacing
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -390,11 +390,9 @@ def write_frame(out_dir, index: int, rgb) -> Path:
         raise ValueError(f"expected an HxWx3 uint8 RGB frame, got {rgb.dtype} {rgb.shape}")
     if index < 0:
         raise ValueError(f"frame index must be >= 0, got {index}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / f"{index:06d}.png"
-    return _atomic_save(target, lambda handle: Image.fromarray(np.ascontiguousarray(rgb)).save(
-        handle, format="PNG", compress_level=4))
+    target = Path(out_dir) / f"{index:06d}.png"
+    return atomic_write(target, lambda file: Image.fromarray(np.ascontiguousarray(rgb)).save(
+        file, format="PNG", compress_level=4))
 
 
 def existing_frames(out_dir) -> list[Path]:
@@ -415,27 +413,7 @@ def write_depth_png(path, depth01: np.ndarray) -> Path:
         raise ValueError(f"expected a 2-D depth map, got shape {values.shape}")
     values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
     grey = np.rint(np.clip(values, 0.0, 1.0) * 65535.0).astype(np.uint16)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return _atomic_save(path, lambda handle: Image.fromarray(grey).save(handle, format="PNG"))
-
-
-def _atomic_save(target: Path, write) -> Path:
-    """Call ``write(file)`` on a hidden temporary in ``target``'s folder, then rename it over."""
-    handle = tempfile.NamedTemporaryFile(
-        dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False
-    )
-    temp = Path(handle.name)
-    try:
-        with handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return target
+    return atomic_write(path, lambda file: Image.fromarray(grey).save(file, format="PNG"))
 
 
 def write_side_by_side_mp4(source: FrameSource, edited_dir, out_path, fps: float = 12.0,
@@ -457,31 +435,26 @@ def write_side_by_side_mp4(source: FrameSource, edited_dir, out_path, fps: float
     width, height = source.size
     out_w, out_h = 2 * width + (2 * width) % 2, height + height % 2
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    temp = out_path.with_name(f".{out_path.stem}.{os.getpid()}.tmp.mp4")
-    writer = imageio_ffmpeg.write_frames(
-        str(temp), (out_w, out_h), fps=float(fps), codec="libx264", pix_fmt_in="rgb24",
-        pix_fmt_out="yuv420p", quality=None, macro_block_size=1, ffmpeg_log_level="error",
-        output_params=["-crf", "18", "-movflags", "+faststart"],
-    )
-    try:
-        writer.send(None)
-        for path in edited:
-            index = int(FRAME_NAME.match(path.name).group(1))
-            canvas = np.zeros((out_h, out_w, 3), dtype=np.uint8)
-            canvas[:height, :width] = source.read(index)
-            canvas[:height, width:2 * width] = resize_rgb(_read_rgb(path), (width, height))
-            if label:
-                canvas = _draw_label(canvas, label, x=width)
-            writer.send(np.ascontiguousarray(canvas))
-        writer.close()
+    with replacing(out_path, suffix=".tmp.mp4") as temp:  # ffmpeg picks the container by extension
+        writer = imageio_ffmpeg.write_frames(
+            str(temp), (out_w, out_h), fps=float(fps), codec="libx264", pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p", quality=None, macro_block_size=1, ffmpeg_log_level="error",
+            output_params=["-crf", "18", "-movflags", "+faststart"],
+        )
+        try:
+            writer.send(None)
+            for path in edited:
+                index = int(FRAME_NAME.match(path.name).group(1))
+                canvas = np.zeros((out_h, out_w, 3), dtype=np.uint8)
+                canvas[:height, :width] = source.read(index)
+                canvas[:height, width:2 * width] = resize_rgb(_read_rgb(path), (width, height))
+                if label:
+                    canvas = _draw_label(canvas, label, x=width)
+                writer.send(np.ascontiguousarray(canvas))
+        finally:
+            writer.close()
         if not temp.is_file() or temp.stat().st_size == 0:
             raise InputError(f"ffmpeg could not write the preview {out_path}")
-        os.replace(temp, out_path)
-    except BaseException:
-        writer.close()
-        temp.unlink(missing_ok=True)
-        raise
     return out_path
 
 

@@ -17,6 +17,8 @@ same thing in both.
 
 from __future__ import annotations
 
+import torch
+
 
 def x0_gradient(x0_hat, x0_previous):
     """Closed-form gradient of the mean squared distance with respect to x0_hat."""
@@ -35,8 +37,6 @@ def autograd_gradient(sample_in, x0_hat, x0_previous):
     The backward pass runs through an fp16 UNet on CUDA, where the mean's tiny per-element
     gradients (about 1e-5) would fall into subnormals: differentiate the *sum* and divide in fp32.
     """
-    import torch
-
     squared_sum = (x0_hat.float() - x0_previous.float()).pow(2).sum()
     (gradient,) = torch.autograd.grad(squared_sum, sample_in)
     return gradient.float() / x0_hat.numel()

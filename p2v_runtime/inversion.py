@@ -7,20 +7,24 @@ prompt, so a re-edit with another prompt reuses them and costs what plain depth-
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import platformdirs
+import torch
+from diffusers import DDIMInverseScheduler, DDIMScheduler
+from PIL import Image
+
+from .files import atomic_write
 
 CACHE_FORMAT = "p2v-inversion-v1"
 
 
 def default_cache_dir() -> Path:
     """The per-user cache folder of each OS (XDG on Linux, Library/Caches, LocalAppData)."""
-    import platformdirs
-
     return Path(platformdirs.user_cache_dir("p2v", appauthor=False)) / "inversions"
 
 
@@ -65,11 +69,7 @@ class InversionCache:
 
     def store(self, key: str, latent: np.ndarray) -> None:
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            handle, temp = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".tmp", dir=self.folder)
-            with os.fdopen(handle, "wb") as stream:
-                np.save(stream, latent, allow_pickle=False)
-            os.replace(temp, self.folder / f"{key}.npy")
+            atomic_write(self.folder / f"{key}.npy", lambda file: np.save(file, latent, allow_pickle=False))
         except OSError as exc:
             if self._warn and not self._warned:
                 self._warned = True
@@ -78,9 +78,6 @@ class InversionCache:
 
 def encode_latent(pipeline, rgb: np.ndarray):
     """VAE posterior mean times the scaling factor (deterministic, unlike a posterior sample)."""
-    import torch
-    from PIL import Image
-
     pipe = pipeline.pipe
     image = pipe.image_processor.preprocess(Image.fromarray(rgb)).to(pipeline.device, pipeline.dtype)
     with torch.no_grad():
@@ -98,10 +95,6 @@ def ddim_schedulers(pipeline, steps: int):
     Built from the checkpoint's own noise schedule (SD 2 depth ships a PNDM config) with only the
     keys each class knows, and never clipping: latents are not bounded to [-1, 1].
     """
-    import inspect
-
-    from diffusers import DDIMInverseScheduler, DDIMScheduler
-
     config = dict(pipeline.pipe.scheduler.config)
     built = []
     for kind in (DDIMScheduler, DDIMInverseScheduler):
@@ -120,8 +113,6 @@ def invert(pipeline, latent, depth, source_embedding, scheduler, before_step: Ca
     a ``DDIMInverseScheduler`` set to the edit's steps, ``before_step`` is called with each step
     index (progress, cancel).
     """
-    import torch
-
     sample = latent.float()
     with torch.no_grad():
         for index, timestep in enumerate(scheduler.timesteps):

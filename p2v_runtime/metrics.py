@@ -22,10 +22,9 @@ Why these choices:
   being judged.
 - Edited frames are compared at the source's size and count; a mismatch is an error rather than
   a silent resize, because a resize would blur the very flicker Pixel-MSE measures.
-- CLIP (ViT-L/14 by default, the paper's family) is loaded once per (model, device) and kept in
-  this module's small cache, the same warm-cache idea as ``models.py``: ``p2v ablate`` scores six
-  variants, and a server may score many clips, without reloading it. It lives here, not in
-  ``models.py``, because only evaluation uses it.
+- CLIP (ViT-L/14 by default, the paper's family) and RAFT stay warm in ``models.py``'s cache with
+  the other models: ``p2v ablate`` scores six variants, and a server may score many clips,
+  without reloading them.
 - Frames are read one at a time (CLIP embeddings are batched in small groups), so memory does not
   grow with clip length beyond one small embedding vector per frame.
 
@@ -39,15 +38,17 @@ import argparse
 import json
 import math
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .errors import InputError, ModelLoadError
+from .errors import InputError
+from .files import atomic_write_text
+
+if TYPE_CHECKING:  # pragma: no cover - models imports torch, which this module defers
+    from .models import ClipScorer
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 FLOW_METHODS = ("dis", "farneback", "raft")
@@ -59,56 +60,9 @@ _CONSISTENCY_ALPHA_1 = 0.01
 _CONSISTENCY_ALPHA_2 = 0.5
 _CLIP_BATCH = 16
 
-_CLIP_CACHE: dict[tuple[str, str], "ClipScorer"] = {}
-_CLIP_CACHE_LOCK = threading.Lock()
-
 
 # --------------------------------------------------------------------------------------------
 # CLIP-Text and CLIP-Image
-
-
-@dataclass
-class ClipScorer:
-    """A loaded CLIP model and its processor, on one device."""
-
-    model: object
-    processor: object
-    device: str
-    name: str
-    load_seconds: float
-
-
-def load_clip(name: str = DEFAULT_CLIP_MODEL, device: str = "auto") -> ClipScorer:
-    """The warm CLIP for (name, device), loaded on first use (fp32: it runs once per frame)."""
-    from .models import resolve_device
-
-    device = resolve_device(device)
-    key = (name, device)
-    with _CLIP_CACHE_LOCK:
-        if key in _CLIP_CACHE:
-            return _CLIP_CACHE[key]
-        started = time.perf_counter()
-        try:
-            from transformers import CLIPModel, CLIPProcessor
-
-            processor = CLIPProcessor.from_pretrained(name)
-            model = CLIPModel.from_pretrained(name).to(device).eval()
-            model.requires_grad_(False)
-        except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(
-                f"cannot load CLIP model {name!r} ({reason[:200]}); if the model hub is unreachable, "
-                "pass --clip-model a local folder"
-            ) from exc
-        scorer = ClipScorer(model, processor, device, name, time.perf_counter() - started)
-        _CLIP_CACHE[key] = scorer
-        return scorer
-
-
-def release_clip() -> None:
-    """Drop the warm CLIP models (tests, or a server freeing memory)."""
-    with _CLIP_CACHE_LOCK:
-        _CLIP_CACHE.clear()
 
 
 def _unit_rows(features) -> np.ndarray:
@@ -296,7 +250,6 @@ def _mean(values: Iterable[float | None]) -> float | None:
 # --------------------------------------------------------------------------------------------
 # RAFT (optional)
 
-_RAFT_CACHE: dict[str, object] = {}
 _RAFT_MIN_SIDE = 128
 
 
@@ -346,24 +299,15 @@ def _torchvision_problem() -> str | None:
 
 
 def _raft_model():
+    """The warm RAFT and its device; a clear error when torchvision cannot provide it."""
     problem = _torchvision_problem()
     if problem is not None:
         raise InputError(f"{problem}; or use --flow dis or farneback")
-    from .models import resolve_device
+    from .models import load_raft, resolve_device
 
     device = resolve_device("auto")
-    with _CLIP_CACHE_LOCK:
-        if device not in _RAFT_CACHE:
-            from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
-
-            try:
-                model = raft_large(weights=Raft_Large_Weights.DEFAULT, progress=False)
-            except Exception as exc:  # noqa: BLE001
-                raise ModelLoadError(
-                    f"cannot load RAFT weights ({str(exc).strip()[:200]}); use --flow dis or farneback offline"
-                ) from exc
-            _RAFT_CACHE[device] = model.to(device).eval()
-    return _RAFT_CACHE[device], device
+    model, _ = load_raft(device)
+    return model, device
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,8 +376,10 @@ def evaluate_clip(
         raise InputError("no frames to evaluate")
     if flow == "raft" and not raft_available():
         _raft_model()  # raises the clear error before any work is done
+    from .models import load_clip
+
     started = time.perf_counter()
-    scorer = load_clip(clip_model, device)
+    scorer, _ = load_clip(clip_model, device)
     text_row = text_embedding(scorer, prompt)
     rows, pending, pairs = [], [], []
     previous = None
@@ -525,24 +471,7 @@ def eval_main(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if args.json:
         try:
-            write_text_atomically(Path(args.json), text)
+            atomic_write_text(args.json, text)
         except OSError as exc:
             raise InputError(f"cannot write --json {args.json}: {exc.strerror or exc}") from None
     return 0
-
-
-def write_text_atomically(path: Path, text: str) -> Path:
-    """Write via a hidden temporary name, then rename: a reader never sees half a file."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path

@@ -159,7 +159,7 @@ def test_inversion_then_sampling_with_source_prompt_reconstructs_the_latent(tiny
     def roundtrip(rgb):
         latent = encode_latent(pipeline, rgb)
         with torch.no_grad():
-            image = pipeline.vae.decode(latent / pipeline.vae.config.scaling_factor).sample
+            image = pipeline.pipe.vae.decode(latent / pipeline.pipe.vae.config.scaling_factor).sample
         array = pipeline.pipe.image_processor.postprocess(image, output_type="np")[0]
         return (np.clip(array, 0, 1) * 255).round().astype(np.uint8)
 

@@ -51,11 +51,15 @@ def test_clip_image_score_averages_consecutive_pairs_only():
 
 @pytest.fixture(scope="module")
 def tiny_clip(tiny_models):
-    return metrics.load_clip(str(tiny_models["clip"]), "cpu")
+    from p2v_runtime.models import load_clip
+
+    return load_clip(str(tiny_models["clip"]), "cpu")[0]
 
 
 def test_clip_is_loaded_once_per_model_and_device(tiny_models, tiny_clip):
-    assert metrics.load_clip(str(tiny_models["clip"]), "cpu") is tiny_clip
+    from p2v_runtime.models import load_clip
+
+    assert load_clip(str(tiny_models["clip"]), "cpu") == (tiny_clip, False)
 
 
 def test_identical_frames_have_clip_image_one(tiny_clip):
@@ -163,14 +167,18 @@ def test_raft_without_torchvision_is_a_clear_error():
 def test_raft_flow_plumbing_when_torchvision_is_installed(monkeypatch):
     if not metrics.raft_available():
         pytest.skip("torchvision is not installed (RAFT is optional)")
-    from torchvision.models.optical_flow import raft_small
+    import torchvision.models.optical_flow as optical_flow
 
-    from p2v_runtime.models import resolve_device
+    from p2v_runtime import models
 
     # Offline there are no pretrained weights: random ones check padding, shapes and layout only.
-    monkeypatch.setitem(metrics._RAFT_CACHE, resolve_device("auto"), raft_small(weights=None).eval())
-    frames = panning_clip(2, height=50, width=70)  # neither a multiple of 8 nor 128 a side
-    flow = metrics.optical_flow(frames[1], frames[0], "raft")
+    monkeypatch.setattr(optical_flow, "raft_large", lambda **kwargs: optical_flow.raft_small(weights=None))
+    models.release_all()  # no RAFT held from before; the random one must not outlive the test
+    try:
+        frames = panning_clip(2, height=50, width=70)  # neither a multiple of 8 nor 128 a side
+        flow = metrics.optical_flow(frames[1], frames[0], "raft")
+    finally:
+        models.release_all()
     assert flow.shape == (50, 70, 2) and flow.dtype == np.float32 and np.isfinite(flow).all()
 
 
