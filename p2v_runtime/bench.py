@@ -30,7 +30,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bench_main(args: argparse.Namespace) -> int:
     from .editor import edit_clip
-    from .frames import open_frames, resize_rgb, working_size
+    from .frames import resize_rgb, working_size
     from .models import load_depth_pipeline
     from .protocol import EditStats
     from .settings import EditSettings
@@ -103,7 +103,9 @@ def bench_main(args: argparse.Namespace) -> int:
         figures.update(full_size_feature_bytes(steps=50))
     _print_table(figures)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        from .files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(figures, indent=2) + "\n")
     return 0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import settings as settings_module
 from .errors import USER_ERRORS, EditCancelled
+from .files import atomic_write_text
 from .progress import ProgressBars
 from .protocol import EditStats
 
@@ -146,7 +147,7 @@ def edit_main(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.stats:
-        Path(args.stats).write_text(json.dumps(stats.to_dict(), indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(args.stats, json.dumps(stats.to_dict(), indent=2) + "\n")
     if not args.quiet:
         print(f"p2v: {written} frame(s) written to {out_dir}", file=sys.stderr)
     return 0

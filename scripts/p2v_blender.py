@@ -34,6 +34,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 from p2v_runtime import settings as schema  # noqa: E402 - standard library only, like the add-on's copy
+from p2v_runtime.files import atomic_write_text  # noqa: E402 - standard library only
 
 PROG = "p2v_blender"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 0, 1, 2, 130
@@ -197,21 +198,11 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
         bpy.ops.wm.save_mainfile()
         say(f"saved {bpy.data.filepath}", args.quiet)
     if args.stats and job.stats:
-        write_stats(args.stats, job.stats)
+        atomic_write_text(args.stats, json.dumps(job.stats, indent=2) + "\n")
     if state == "done":
         say(job.message, args.quiet)
         return EXIT_OK
     return fail(job.message, EXIT_CANCELLED if state == "cancelled" else EXIT_FAILED)
-
-
-def write_stats(path: str, stats: dict) -> None:
-    """The job's statistics as JSON, written whole or not at all."""
-    path = os.path.abspath(path)
-    temp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(temp, "w", encoding="utf-8") as handle:
-        json.dump(stats, handle, indent=2)
-        handle.write("\n")
-    os.replace(temp, path)
 
 
 def _runtime_config(args, prefs, preferences, runtime_process):
