@@ -102,30 +102,28 @@ class _Parser(argparse.ArgumentParser):
 
 
 def edit_main(args: argparse.Namespace) -> int:
-    from .errors import InputError
-    from .frames import open_depth, open_frames, write_frame
+    from .frames import depth_png_writer, open_depth, open_frames, write_frame
 
     settings = settings_module.from_arguments(args, "cli")
-    if args.server and args.save_depth:
-        raise InputError("--save-depth writes on the machine that edits; it is not available with --server")
     frames = open_frames(args.input, settings.frames)
     out_dir = _checked_output_dir(args, frames)
     depth = open_depth(args.depth, len(frames), frames.size, settings.frames) if args.depth else None
     progress = ProgressBars(enabled=not args.quiet, steps=settings.steps)
     cancel = threading.Event()
     written = 0
+    depth_sink = depth_png_writer(args.save_depth) if args.save_depth else None
     stats = EditStats()  # filled the same way by a local edit and by a server
     try:
         if args.server:
             from .client import edit_on_server
 
             results = edit_on_server(args.server, frames, settings, depth=depth, progress=progress, cancel=cancel,
-                                     stats=stats, warn=progress.warn)
+                                     stats=stats, depth_sink=depth_sink, warn=progress.warn)
         else:
             from .editor import edit_clip
 
             results = edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats,
-                                save_depth_dir=args.save_depth, warn=progress.warn)
+                                depth_sink=depth_sink, warn=progress.warn)
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, rgb in results:
             write_frame(out_dir, index, rgb)

@@ -111,10 +111,18 @@ class Client:
         self._expect("pong", self.timeout)
         return time.perf_counter() - started
 
-    def submit(self, settings, frames: int, width: int, height: int, depth: bool = False) -> dict:
-        """Announce a job; return the ``job_ok`` header (``window``: frames allowed in flight)."""
-        self._send({"type": "job", "settings": settings_to_wire(settings), "frames": int(frames), "width": int(width),
-                    "height": int(height), "depth": bool(depth)})
+    def submit(self, settings, frames: int, width: int, height: int, depth: bool = False,
+               send_depth: bool = False) -> dict:
+        """Announce a job; return the ``job_ok`` header (``window``: frames allowed in flight).
+
+        ``send_depth`` asks for a ``depth_used`` message before each result: the depth that frame
+        was edited with (what ``--save-depth`` writes).
+        """
+        header = {"type": "job", "settings": settings_to_wire(settings), "frames": int(frames), "width": int(width),
+                  "height": int(height), "depth": bool(depth)}
+        if send_depth:
+            header["send_depth"] = True  # only when asked: older runtimes ignore the field anyway
+        self._send(header)
         self._job_width, self._job_height = int(width), int(height)
         self.results_received = 0
         self._cancel_sent = False
@@ -154,13 +162,14 @@ class Client:
     # --- a whole job ---------------------------------------------------------------------------
 
     def run_job(self, settings, frames, width: int, height: int, *, count: int | None = None,
-                depth=None, cancel: threading.Event | None = None, window: int | None = None):
+                depth=None, cancel: threading.Event | None = None, window: int | None = None,
+                send_depth: bool = False):
         """Submit a job, stream its frames, and yield what comes back, ending with done/cancelled.
 
         ``frames`` (and ``depth``) are sequences of bytes-like objects or callables ``f(i)``
         returning one; at most ``window`` frames are sent ahead of the server's ``received``.
-        Yields ``progress``, ``warning`` and ``result`` messages (payload: bytearray RGB), then ``done`` or
-        ``cancelled``. Setting ``cancel`` sends ``cancel`` and the iteration ends with the
+        Yields ``progress``, ``warning`` and ``result`` messages (payload: bytearray RGB), with
+        ``send_depth`` also ``depth_used`` (payload: HxW float32), then ``done`` or ``cancelled``. Setting ``cancel`` sends ``cancel`` and the iteration ends with the
         ``cancelled`` message (or ``done`` if the job finished first). A job error raises
         :class:`RemoteError` and leaves the connection ready for the next job; a lost connection
         raises :class:`ConnectionLost` (results already yielded stay with the caller). Leaving
@@ -171,7 +180,7 @@ class Client:
             count = len(frames)
         get_frame = frames if callable(frames) else frames.__getitem__
         get_depth = None if depth is None else (depth if callable(depth) else depth.__getitem__)
-        job_ok = self.submit(settings, count, width, height, depth is not None)
+        job_ok = self.submit(settings, count, width, height, depth is not None, send_depth)
         window = max(1, min(window or job_ok["window"], job_ok["window"]))
         ended = False  # the server ended the job: the connection can take the next one
         try:
@@ -195,7 +204,7 @@ class Client:
                 kind = message.type
                 if kind == "received":
                     acked = max(acked, message["index"] + 1)
-                elif kind in ("progress", "result", "warning"):
+                elif kind in ("progress", "result", "warning", "depth_used"):
                     yield message
                 elif kind in ("done", "cancelled"):
                     ended = True
@@ -224,7 +233,8 @@ class Client:
         try:
             if not P.wait_readable(self.sock, timeout):
                 return None
-            limit = self._job_width * self._job_height * 3 or P.MAX_PAYLOAD_BYTES
+            limit = max(self._job_width * self._job_height * 3, P.MAX_DEPTH_USED_BYTES) if self._job_width \
+                else P.MAX_PAYLOAD_BYTES
             head = P.read_head(self.sock, max_payload=limit)
             if head is None:
                 raise self._lost("the runtime closed the connection")
@@ -233,7 +243,10 @@ class Client:
                 raise ProtocolError(P.E_UNEXPECTED, f"the runtime sent a {header['type']} message")
             payload = b""
             if payload_len:
-                if header["type"] != "result" or header["shape"] != [self._job_height, self._job_width, 3]:
+                if header["type"] == "depth_used":
+                    if payload_len > P.MAX_DEPTH_USED_BYTES:
+                        raise ProtocolError(P.E_BAD_SHAPE, f"depth_used of shape {header['shape']} is over the limit")
+                elif header["type"] != "result" or header["shape"] != [self._job_height, self._job_width, 3]:
                     raise ProtocolError(P.E_BAD_SHAPE, f"result of shape {header.get('shape')} for a {self._job_width}x{self._job_height} job")
                 payload = P.recv_exact(self.sock, payload_len)
         except ConnectionLost:
@@ -334,28 +347,29 @@ def _as_bytes_view(data) -> memoryview:
 
 def edit_on_server(address: str, frames: P.Frames, settings, *, depth: P.Frames | None = None, progress=None,
                    cancel=None, stats: P.EditStats | None = None, token: str | None = None,
-                   warn=None) -> "RemoteEdit":
+                   warn=None, depth_sink=None) -> "RemoteEdit":
     """``edit_clip`` run by a server: same arguments, iterates ``(index, image)`` in order.
 
     ``frames``/``depth`` are the :class:`protocol.Frames` objects ``edit_clip`` takes.
     Images are numpy arrays when numpy is importable, else ``bytearray`` RGB. The server's
     ``done`` stats fill ``stats``, an :class:`EditStats` (a new one when not given), which is
     also the returned object's ``.stats``: what ``edit_clip(..., stats=)`` does locally.
-    The server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does). The
+    The server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does), and
+    with ``depth_sink`` each frame's depth (latent size, [0, 1]) to ``depth_sink(index, depth)``. The
     token is ``token`` or ``$P2V_TOKEN``. Errors are raised as the matching ``P2VError`` when
     ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
     """
     return RemoteEdit(address, frames, settings, depth=depth, progress=progress, cancel=cancel,
-                      stats=stats, token=token, warn=warn)
+                      stats=stats, token=token, warn=warn, depth_sink=depth_sink)
 
 
 class RemoteEdit:
     """The iterator :func:`edit_on_server` returns; ``.stats`` holds the server's stats when done."""
 
     def __init__(self, address, frames, settings, *, depth=None, progress=None, cancel=None, stats=None,
-                 token=None, warn=None):
+                 token=None, warn=None, depth_sink=None):
         self.stats: P.EditStats = P.EditStats() if stats is None else stats
-        self._iterator = self._run(address, frames, settings, depth, progress, cancel, token, warn)
+        self._iterator = self._run(address, frames, settings, depth, progress, cancel, token, warn, depth_sink)
 
     def __iter__(self) -> "RemoteEdit":
         return self
@@ -367,7 +381,7 @@ class RemoteEdit:
         """Stop early: closing the connection cancels the job on the server."""
         self._iterator.close()
 
-    def _run(self, address, frames, settings, depth, progress, cancel, token, warn):
+    def _run(self, address, frames, settings, depth, progress, cancel, token, warn, depth_sink):
         width, height = frames.size
         count = len(frames)
         try:
@@ -390,7 +404,8 @@ class RemoteEdit:
         with client:
             try:
                 for message in client.run_job(settings, frame_bytes, width, height, count=count,
-                                              depth=None if depth is None else depth_bytes, cancel=cancel):
+                                              depth=None if depth is None else depth_bytes, cancel=cancel,
+                                              send_depth=depth_sink is not None):
                     if message.type == "progress":
                         if progress is not None:
                             progress(message["stage"], message["done"], message["total"])
@@ -404,6 +419,11 @@ class RemoteEdit:
                         if np is not None:
                             image = np.frombuffer(image, dtype=np.uint8).reshape(height, width, 3)
                         yield message["index"], image
+                    elif message.type == "depth_used" and depth_sink is not None:
+                        values = message.payload
+                        if np is not None:
+                            values = np.frombuffer(values, dtype="<f4").reshape(message["shape"])
+                        depth_sink(message["index"], values)
                     elif message.type == "done":
                         self.stats.update(message["stats"])
                     elif message.type == "cancelled":

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -26,7 +25,7 @@ from . import depth as depth_conv
 from .attention import FeatureBank, injection_installed, self_attention_layers
 from .caption import caption_frame
 from .errors import EditCancelled, GpuOutOfMemory, InputError
-from .frames import resize_rgb, working_size, write_depth_png
+from .frames import resize_rgb, working_size
 from .guidance import apply_update, autograd_gradient, x0_gradient
 from .inversion import InversionCache, ddim_schedulers, default_cache_dir, encode_latent, inversion_key, invert
 from .models import DepthPipeline, dtype_name, load_captioner, load_depth_pipeline
@@ -34,6 +33,7 @@ from .protocol import EditStats, Frames
 from .settings import EditSettings
 
 ProgressCallback = Callable[[str, int, int], None]
+DepthSink = Callable[[int, np.ndarray], None]
 
 
 def edit_clip(
@@ -44,17 +44,19 @@ def edit_clip(
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
     stats: EditStats | None = None,
-    save_depth_dir: str | Path | None = None,
+    depth_sink: DepthSink | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Edit a clip with Pix2Video; yield ``(index, HxWx3 uint8 RGB)`` at the input size, in order.
 
     ``frames`` has ``__len__``, ``size`` (width, height) and ``read(i)``; ``depth`` (optional)
-    reads a Z pass per frame. Setting ``cancel`` stops within one denoising step with
+    reads a Z pass per frame. ``depth_sink(index, depth)`` receives the depth the model was
+    conditioned on, at latent size, scaled to [0, 1] with near = 1 (``p2v edit --save-depth``,
+    or sent back by the server). Setting ``cancel`` stops within one denoising step with
     :class:`EditCancelled`.
     """
     settings.validate()
-    editor = _ClipEditor(frames, settings, depth, progress, cancel, stats or EditStats(), save_depth_dir, warn)
+    editor = _ClipEditor(frames, settings, depth, progress, cancel, stats or EditStats(), depth_sink, warn)
     yield from editor.run()
 
 
@@ -82,14 +84,14 @@ class _ClipEditor:
     :class:`ClipContext`; what changes from frame to frame is named in :meth:`_edit_frames`.
     """
 
-    def __init__(self, frames, settings, depth, progress, cancel, stats, save_depth_dir, warn):
+    def __init__(self, frames, settings, depth, progress, cancel, stats, depth_sink, warn):
         self.frames = frames
         self.settings = settings
         self.depth_files = depth
         self.report = progress or (lambda stage, done, total: None)
         self.cancel = cancel
         self.stats = stats
-        self.save_depth_dir = Path(save_depth_dir) if save_depth_dir else None
+        self.depth_sink = depth_sink
         self.warn = warn or (lambda message: print(f"p2v: {message}", file=sys.stderr))
         self.frames_done = 0
         self.count = len(frames)
@@ -122,11 +124,6 @@ class _ClipEditor:
                     f"depth maps are {self.depth_files.size[0]}x{self.depth_files.size[1]} but frames are "
                     f"{self.frames.size[0]}x{self.frames.size[1]}"
                 )
-        if self.save_depth_dir is not None:
-            try:
-                self.save_depth_dir.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise InputError(f"cannot create --save-depth folder {self.save_depth_dir}: {exc.strerror}") from exc
 
     def _load(self) -> tuple[ClipContext, np.ndarray, list | None]:
         """Everything fixed for the clip, in the order the progress shows: model, depth, caption.
@@ -219,7 +216,7 @@ class _ClipEditor:
 
     def _model_depth(self, clip: ClipContext, index: int, rgb: np.ndarray, clip_depths: list | None
                      ) -> torch.Tensor:
-        """The (1, 1, h, w) depth the UNet sees, in [-1, 1]; also written for --save-depth."""
+        """The (1, 1, h, w) depth the UNet sees, in [-1, 1]; also given to the depth sink."""
         if clip.depth_range is not None:
             inverse, (low, high) = clip_depths[index], clip.depth_range
             clip_depths[index] = None  # used once; frees as the clip goes
@@ -228,8 +225,8 @@ class _ClipEditor:
             low, high = depth_conv.depth_range([inverse], f"depth of frame {index}")
             self.report("depth", index + 1, self.count)
         model_depth = depth_conv.normalise(inverse, low, high)
-        if self.save_depth_dir is not None:
-            write_depth_png(self.save_depth_dir / f"{index:06d}.png", depth_conv.to_display(model_depth))
+        if self.depth_sink is not None:
+            self.depth_sink(index, depth_conv.to_display(model_depth).astype(np.float32))
         return torch.from_numpy(model_depth)[None, None].to(clip.pipeline.device, clip.pipeline.dtype)
 
     def _source_prompt(self, first: np.ndarray) -> str:

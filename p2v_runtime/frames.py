@@ -25,7 +25,7 @@ import re
 import subprocess
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
@@ -414,6 +414,20 @@ def write_depth_png(path, depth01: np.ndarray) -> Path:
     values = np.nan_to_num(values, nan=0.0, posinf=1.0, neginf=0.0)
     grey = np.rint(np.clip(values, 0.0, 1.0) * 65535.0).astype(np.uint16)
     return atomic_write(path, lambda file: Image.fromarray(grey).save(file, format="PNG"))
+
+
+def depth_png_writer(folder) -> "Callable[[int, np.ndarray], None]":
+    """A depth sink for ``edit_clip``: frame i's depth as ``folder/00000i.png`` (folder made now)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot create --save-depth folder {folder}: {exc.strerror or exc}") from None
+
+    def write(index: int, depth01: np.ndarray) -> None:
+        write_depth_png(folder / f"{index:06d}.png", depth01)
+
+    return write
 
 
 def write_side_by_side_mp4(source: FrameSource, edited_dir, out_path, fps: float = 12.0,

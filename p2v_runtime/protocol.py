@@ -39,6 +39,8 @@ MAX_FRAME_PIXELS = 7680 * 4320
 MAX_FRAMES = 100_000
 MAX_PAYLOAD_BYTES = MAX_FRAME_PIXELS * 4
 MAX_STRING = 16 * 1024  # any single string field
+# ``depth_used`` maps are at the model's latent size: at most 4096 / 8 pixels a side.
+MAX_DEPTH_USED_BYTES = 512 * 512 * 4
 DEFAULT_WINDOW = 8  # frames a client may have in flight (sent, not yet "received")
 
 # Payload element types, all little-endian on the wire.
@@ -189,7 +191,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "hello": {"token": ("str", _REQ), "protocol": ("int", _REQ), "client": ("str", _OPT)},
     "job": {
         "settings": ("obj", _REQ), "frames": ("int", _REQ), "width": ("int", _REQ),
-        "height": ("int", _REQ), "depth": ("bool", _REQ),
+        "height": ("int", _REQ), "depth": ("bool", _REQ), "send_depth": ("bool", _OPT),
     },
     "frame": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
     "depth": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
@@ -206,6 +208,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "progress": {"stage": ("str", _REQ), "done": ("int", _REQ), "total": ("int", _REQ)},
     "warning": {"message": ("str", _REQ)},
     "result": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
+    "depth_used": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
     "done": {"frames": ("int", _REQ), "stats": ("obj", _REQ)},
     "cancelled": {"frames_done": ("int", _REQ)},
     "error": {"code": ("str", _REQ), "message": ("str", _REQ), "fatal": ("bool", _REQ)},
@@ -215,7 +218,8 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
 CLIENT_TYPES = frozenset({"hello", "job", "frame", "depth", "cancel", "ping", "shutdown"})
 SERVER_TYPES = frozenset(SCHEMAS) - CLIENT_TYPES
 # Types that carry a payload, with their fixed element type and channel count (None: HxW).
-PAYLOAD_TYPES = {"frame": ("uint8", 3), "result": ("uint8", 3), "depth": ("float32", None)}
+PAYLOAD_TYPES = {"frame": ("uint8", 3), "result": ("uint8", 3), "depth": ("float32", None),
+                 "depth_used": ("float32", None)}
 
 _INT_MAX = 2**63 - 1
 

@@ -1055,8 +1055,9 @@ def test_real_edit_job_matches_a_local_edit_bit_for_bit(request, tmp_path):
     assert runs[0][1].model_load_seconds > 0
     assert runs[1][1].model_load_seconds == 0  # warm: nothing loaded again
     local_files, server_files = cli_runs
-    assert local_files.keys() == server_files.keys() and len(local_files) == 3
-    assert local_files == server_files  # `p2v edit --server` writes what `p2v edit` writes
+    assert local_files.keys() == server_files.keys() and len(local_files) == 6
+    assert {name for name in local_files if name.startswith("depth/")} == {f"depth/{i:06d}.png" for i in range(3)}
+    assert local_files == server_files  # `p2v edit --server` writes what `p2v edit` writes, --save-depth too
 
 
 def _cli_edit_local_and_on_server(tmp_path, arrays, settings, address, token):
@@ -1072,9 +1073,11 @@ def _cli_edit_local_and_on_server(tmp_path, arrays, settings, address, token):
     outputs = []
     for where in ([], ["--server", address]):
         out = tmp_path / ("server-out" if where else "local-out")
+        depth = tmp_path / ("server-depth" if where else "local-depth")
         args = ["edit", str(clip), "--out", str(out), "--prompt", settings.prompt, "--model", settings.model,
                 "--captioner", settings.captioner, "--size", str(settings.size), "--steps", str(settings.steps),
-                "--device", "cpu", "--dtype", "fp32", "--cache-dir", settings.cache_dir, "--quiet", *where]
+                "--device", "cpu", "--dtype", "fp32", "--cache-dir", settings.cache_dir, "--quiet",
+                "--save-depth", str(depth), *where]
         previous = os.environ.get("P2V_TOKEN")
         os.environ["P2V_TOKEN"] = token
         try:
@@ -1084,5 +1087,7 @@ def _cli_edit_local_and_on_server(tmp_path, arrays, settings, address, token):
                 os.environ.pop("P2V_TOKEN")
             else:
                 os.environ["P2V_TOKEN"] = previous
-        outputs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+        found = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+        found.update({f"depth/{p.name}": p.read_bytes() for p in sorted(depth.iterdir())})
+        outputs.append(found)
     return outputs

@@ -7,7 +7,7 @@ and Z per frame through the real socket:
 
 * to a recording server run here, in the test process: the runtime's own ``Server`` whose job
   runner keeps every frame and depth map it received and runs the real edit (tiny models) with
-  the runtime's ``--save-depth`` (``save_depth_dir``), so the test sees exactly what the runtime
+  the runtime's ``--save-depth`` (``depth_sink``), so the test sees exactly what the runtime
   got and what depth the UNet was given;
 * to the add-on's own local runtime subprocess (real edit) and to its echo runner (the frames
   that come back are the frames that were sent).
@@ -90,6 +90,7 @@ class Recorder:
 
     def run(self, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
         from p2v_runtime.editor import edit_clip
+        from p2v_runtime.frames import depth_png_writer
 
         folder = self.root / f"job{next(self._ids):02d}"
         folder.mkdir()
@@ -97,7 +98,7 @@ class Recorder:
                                                      "count": len(frames), "size": list(frames.size)}))
         yield from edit_clip(_Recording(frames, folder, "rgb"), settings,
                              depth=None if depth is None else _Recording(depth, folder, "z"), progress=progress,
-                             cancel=cancel, stats=stats, warn=warn, save_depth_dir=folder / "saved-depth")
+                             cancel=cancel, stats=stats, warn=warn, depth_sink=depth_png_writer(folder / "saved-depth"))
 
     def job(self, prompt: str) -> Path:
         found = [p.parent for p in sorted(self.root.glob("job*/job.json"))

@@ -172,6 +172,7 @@ class Connection:
         job = self.server._begin_job(self, settings, count, width, height, header["depth"], needed)
         if job is None:
             return
+        job.send_depth = bool(header.get("send_depth", False))
         self.job = self.upload = job
         log.info("job %s from %s: %d frame(s) %dx%d%s", job.id, self.peer, count, width, height, " with depth" if job.has_depth else "")
         self.writer.send({"type": "job_ok", "job": job.id, "frames": count, "window": self.server.window})

@@ -19,6 +19,9 @@ ordinary setting::
     send TEXT as a warning before the first frame. TEXT runs to the end of the prompt, so it
     may hold spaces (or newlines, which the warning message flattens), and it comes last.
 
+When the client asks for the depth each frame was edited with, the echo "depth" is the frame's
+brightness at an eighth of its size (what a model's latent-size depth map would be), in [0, 1].
+
 Other words (such as the leading "echo") are ignored, and so is a value that does not parse;
 numbers out of range are clamped.
 """
@@ -56,7 +59,8 @@ def echo_options(prompt: str) -> EchoOptions:
     )
 
 
-def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
+def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None,
+                    depth_sink=None):
     """Yield ``(index, frame)`` for every frame, as the options in ``settings.prompt`` say."""
     options = echo_options(settings.prompt)
     if warn is not None and options.warn:
@@ -69,6 +73,8 @@ def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None,
             depth.read(index)
         if options.fail_at == index:
             raise InputError(f"echo job told to fail at frame {index}")
+        if depth_sink is not None:
+            depth_sink(index, _brightness_eighth(image))
         for step in range(options.steps):
             if cancel is not None and cancel.is_set():
                 raise EditCancelled(index)
@@ -81,6 +87,13 @@ def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None,
         stats.frames = count
         stats.model_load_seconds = 0.0
         stats.seconds = time.monotonic() - started
+
+
+def _brightness_eighth(image):
+    import numpy as np
+
+    rgb = np.asarray(image, dtype=np.float32)
+    return np.ascontiguousarray(rgb[::8, ::8].mean(axis=2) / 255.0)
 
 
 def _number(text: str | None, default: float) -> float:

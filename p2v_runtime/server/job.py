@@ -35,12 +35,14 @@ def settings_from_wire(values: dict) -> EditSettings:
     return EditSettings.from_wire(values)
 
 
-def edit_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
+def edit_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None,
+                    depth_sink=None):
     """The real edit: ``editor.edit_clip``, imported on first use so the server starts fast."""
     from ..editor import edit_clip
 
     try:
-        yield from edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats, warn=warn)
+        yield from edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats, warn=warn,
+                             depth_sink=depth_sink)
     finally:
         _free_device_memory()
 
@@ -84,6 +86,7 @@ class Job:
         self.spools = {"frame": Spool(os.path.join(folder, "frames.rgb"), count, (height, width, 3), "uint8")}
         if has_depth:
             self.spools["depth"] = Spool(os.path.join(folder, "depth.f32"), count, (height, width), "float32")
+        self.send_depth = False  # the client asked for the depth each frame was edited with
         self.thread: threading.Thread | None = None
         self.started = time.monotonic()
         self.bytes_in_start = conn.bytes_in
@@ -144,6 +147,15 @@ class Job:
     def _warn(self, message) -> None:
         self.conn.writer.send({"type": "warning", "message": P.one_line(str(message))})
 
+    def _send_depth(self, index: int, depth01) -> None:
+        """A ``depth_used`` message: frame ``index``'s model depth, HxW float32 in [0, 1]."""
+        import numpy as np
+
+        values = np.ascontiguousarray(depth01, dtype="<f4")
+        height, width = values.shape
+        header = {"type": "depth_used", "index": int(index), "shape": [height, width], "dtype": "float32"}
+        self.conn.writer.send(header, memoryview(values).cast("B"))
+
     def _run(self) -> None:
         final: dict | None = None
         stats = EditStats()
@@ -151,8 +163,9 @@ class Job:
         try:
             frames = SpooledFrames(self, "frame")
             depth = SpooledFrames(self, "depth") if self.has_depth else None
+            runner_options = {"depth_sink": self._send_depth} if self.send_depth else {}
             iterator = self.server.job_runner(frames, self.settings, depth=depth, progress=self._progress,
-                                              cancel=self.cancel, stats=stats, warn=self._warn)
+                                              cancel=self.cancel, stats=stats, warn=self._warn, **runner_options)
             for index, image in iterator:
                 if self.cancel.is_set():
                     raise EditCancelled(self.results_sent)
