@@ -384,7 +384,19 @@ class _ClipEditor:
 
 
 def peak_rss_bytes() -> int | None:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS).
+
+    On Linux the high-water mark of this process's own memory (``VmHWM``) comes first:
+    ``ru_maxrss`` also counts the parent's resident size at the moment it started this process
+    (Linux carries it across exec), so a runtime started by Blender would report Blender's size.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
 

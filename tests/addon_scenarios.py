@@ -982,6 +982,7 @@ def zpass_edit(strip_name: str, runtime_config=None, zpass_render="preview", **s
         job = make_job(strip_name, settings(**setting_overrides), runtime_config or runtime(), depth="zpass",
                        zpass_render=zpass_render)
         result = run_job(job)
+        result["depth_source"] = job.stats.get("depth_source")  # "file": the runtime edited with the depth sent
         result["new"] = new_strip_info(job)
         result["changes"] = changes(before, snapshot(), result["new"].get("name"))
         remove_new_strip(job)
@@ -1055,9 +1056,55 @@ def scenario_zpass_error_mid_render():
     return zpass_bad("geo", patch=_inject("nan", at_call=2), runtime_config=echo_runtime())()
 
 
+class _RenderLog:
+    """What each render of a scene named ``prefix...`` (the Z-pass copy) really rendered with: its
+    engine and sample settings as the render starts (``render_pre``, which Blender also calls for
+    the scene a scene strip renders) and the last "done / total" samples the engine reported
+    (``render_stats``: Cycles "Sample 8/8", Eevee "Rendering 4 / 4 samples")."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.renders = []
+        self._scenes = []  # renders in progress, innermost last
+
+    def _pre(self, scene, *args):
+        self._scenes.append(scene.name)
+        if scene.name.startswith(self.prefix):
+            cycles, eevee = getattr(scene, "cycles", None), getattr(scene, "eevee", None)
+            self.renders.append({"engine": scene.render.engine,
+                                 "cycles_samples": getattr(cycles, "samples", None),
+                                 "cycles_denoising": getattr(cycles, "use_denoising", None),
+                                 "eevee_samples": getattr(eevee, "taa_render_samples", None),
+                                 "rendered_samples": None})
+
+    def _stats(self, text, *args):
+        import re
+
+        if self._scenes and self._scenes[-1].startswith(self.prefix) and self.renders:
+            found = re.search(r"Sample (\d+)/(\d+)|Rendering (\d+) / (\d+) samples", str(text))
+            if found:
+                self.renders[-1]["rendered_samples"] = [int(v) for v in found.groups() if v is not None]
+
+    def _post(self, scene, *args):
+        if self._scenes:
+            self._scenes.pop()
+
+    def start(self) -> "_RenderLog":
+        bpy.app.handlers.render_pre.append(self._pre)
+        bpy.app.handlers.render_stats.append(self._stats)
+        bpy.app.handlers.render_post.append(self._post)
+        return self
+
+    def stop(self) -> None:
+        bpy.app.handlers.render_pre.remove(self._pre)
+        bpy.app.handlers.render_stats.remove(self._stats)
+        bpy.app.handlers.render_post.remove(self._post)
+
+
 def scenario_zpass_frames():
     """What StripFrames gives for the Z pass, straight (no runtime): per frame the Z, RGB and time,
-    for the geo strip in both render settings and with Workbench and Eevee; the sequencer's RGB."""
+    for the geo strip in both render settings and with Workbench and Eevee; the sequencer's RGB;
+    what each render of the Z-pass copy rendered with (``renders``, see :class:`_RenderLog`)."""
     import numpy as np
 
     zpass_setup()
@@ -1071,6 +1118,7 @@ def scenario_zpass_frames():
     def grab(strip, depth, quality, label):
         frames = strip_frames.StripFrames(scene, strip, depth, quality)
         times = []
+        log = _RenderLog(f"P2V Z pass of {strip.name}").start()
         try:
             frames.open()
             for index in range(len(frames)):
@@ -1084,8 +1132,9 @@ def scenario_zpass_frames():
                     np.save(os.path.join(out["folder"], f"{label}_z_{index}.npy"),
                             np.frombuffer(z, "<f4").reshape(frames.height, frames.width))
         finally:
+            log.stop()
             frames.close()
-        out[label] = {"count": len(frames), "seconds": times}
+        out[label] = {"count": len(frames), "seconds": times, "renders": log.renders}
 
     geo = compat.all_strips(editor)["geo"]
     grab(geo, "zpass", "preview", "preview")
@@ -1096,6 +1145,14 @@ def scenario_zpass_frames():
     if "geo_retimed" in compat.all_strips(editor):
         grab(compat.all_strips(editor)["geo_retimed"], "zpass", "preview", "retimed")
     shown = bpy.data.scenes["Geo"]
+    out["geo_samples"] = {"cycles": shown.cycles.samples, "eevee": shown.eevee.taa_render_samples}
+    denoising = shown.cycles.use_denoising
+    shown.cycles.use_denoising = True  # as a user would set it (restored below): the preview turns it off
+    try:
+        out["denoising_scene"] = shown.cycles.use_denoising
+        grab(geo, "ZPASS", "PREVIEW", "preview_denoising_scene")
+    finally:
+        shown.cycles.use_denoising = denoising
     for label, names in (("workbench", ("BLENDER_WORKBENCH",)), ("eevee", compat.EEVEE_ENGINES)):
         previous = shown.render.engine
         try:
@@ -1204,17 +1261,29 @@ def scenario_zpass_operator():
     state_before = _zpass_state()
     editor.active_strip = compat.all_strips(editor)["geo"]
     before = snapshot()
+    operators, jobs = mod("operators"), []  # the job the operator makes, to read its stats afterwards
+    build_job = operators.build_job
+    operators.build_job = lambda *args, **kwargs: jobs.append(build_job(*args, **kwargs)) or jobs[-1]
+    log = _RenderLog("P2V Z pass of geo").start()
     try:
         result = bpy.ops.sequencer.p2v_edit()
     finally:
+<<<<<<< HEAD
         props.depth, props.zpass_render = "estimate", "preview"
+=======
+        log.stop()
+        operators.build_job = build_job
+        props.depth, props.zpass_render = "ESTIMATE", "PREVIEW"
+>>>>>>> wt-tests
     after = snapshot()
     new = [name for name in after["strips"] if name not in before["strips"]]
     length = after["strips"][new[0]]["frame_final_duration"] if new else None
     for name in new:
         compat.strips(editor).remove(compat.all_strips(editor)[name])
     return {"result": sorted(result), "new": new, "length": length,
-            "settings_changes": _state_changes(state_before, _zpass_state())}
+            "settings_changes": _state_changes(state_before, _zpass_state()),
+            "depth_source": [job.stats.get("depth_source") for job in jobs],
+            "rendered_samples": [render["rendered_samples"] for render in log.renders]}
 
 
 def scenario_zpass_save_blend():

@@ -6,7 +6,9 @@ wrong: injection, inversion, the guided update, the cost model, cancel and order
 
 from __future__ import annotations
 
+import gc
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -31,13 +33,31 @@ def distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("layers", ["decoder", "all"])
-def test_injecting_own_features_reproduces_plain_sampler_exactly(tiny_settings, layers):
+def test_injecting_own_features_reproduces_plain_sampler_exactly(tiny_settings, monkeypatch, layers):
     # Frame 2 repeats frame 1: its trajectory meets the anchor's features at every step, so
     # K/V from the anchor are its own features and the output must equal the plain (frame 1) one.
+    from p2v_runtime.attention import FeatureBank, self_attention_layers
+    from p2v_runtime.models import load_depth_pipeline
+
+    injected = FeatureBank.injected
+    injections = []
+
+    def counted(bank, layer):
+        features = injected(bank, layer)
+        if features is not None:
+            injections.append(layer)
+        return features
+
+    monkeypatch.setattr(FeatureBank, "injected", counted)
     frame = synthetic_frames(1)[0]
     settings = tiny_settings(injection="anchor", update="off", layers=layers)
     outputs, _ = run_edit([frame, frame], settings)
     assert np.array_equal(outputs[0], outputs[1])
+    # Not equal because nothing was injected: frame 2 took K/V from the anchor in every chosen
+    # layer at every step.
+    pipeline, _ = load_depth_pipeline(settings.model, settings.device, settings.dtype)
+    chosen = self_attention_layers(pipeline.unet, layers)
+    assert sorted(injections) == sorted(chosen * settings.steps)
 
 
 def test_injection_changes_the_frame_it_is_applied_to(tiny_settings):
@@ -128,11 +148,60 @@ def test_injection_modes_change_only_the_expected_layers(tiny_settings):
     assert changed_layers(runs["none"][1], all_decoder[1]) == decoder | encoder
 
 
-def test_feature_cache_holds_only_frames_still_needed(tiny_settings):
-    short, short_stats = run_edit(synthetic_frames(3), tiny_settings(update="off"))
-    _, long_stats = run_edit(synthetic_frames(6), tiny_settings(update="off"))
-    _, anchor_stats = run_edit(synthetic_frames(3), tiny_settings(injection="anchor", update="off"))
-    _, none_stats = run_edit(synthetic_frames(3), tiny_settings(injection="none", update="off"))
+class LiveFeatures:
+    """Which frames' recorded self-attention features are still alive in memory (weak references
+    to every tensor the feature bank records, by the frame it was recorded for)."""
+
+    def __init__(self, monkeypatch):
+        from p2v_runtime.attention import FeatureBank
+
+        self.refs: list[tuple[int, weakref.ref]] = []
+        self.frame = -1
+        begin_frame, record = FeatureBank.begin_frame, FeatureBank.record
+        live = self
+
+        def begin_frame_seen(bank, index):
+            live.frame = index
+            return begin_frame(bank, index)
+
+        def record_seen(bank, layer, features):
+            record(bank, layer, features)
+            live.refs.append((live.frame, weakref.ref(bank.current[(bank.step, layer)])))
+
+        monkeypatch.setattr(FeatureBank, "begin_frame", begin_frame_seen)
+        monkeypatch.setattr(FeatureBank, "record", record_seen)
+
+    def frames(self) -> set[int]:
+        gc.collect()
+        return {frame for frame, ref in self.refs if ref() is not None}
+
+
+def features_alive_at_each_frame(monkeypatch, frames, settings):
+    """The frames whose features are alive while each edited frame is handed out, and the stats."""
+    live = LiveFeatures(monkeypatch)
+    stats = EditStats()
+    alive = [live.frames() for _ in edit_clip(ArrayFrames(frames), settings, stats=stats)]
+    assert live.refs or settings.injection == "none", "features were recorded"
+    return alive, stats
+
+
+def test_feature_cache_holds_only_frames_still_needed(tiny_settings, monkeypatch):
+    short, short_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(3), tiny_settings(update="off"))
+    long, long_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(6), tiny_settings(update="off"))
+    anchor, anchor_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(3),
+                                                        tiny_settings(injection="anchor", update="off"))
+    previous, _ = features_alive_at_each_frame(monkeypatch, synthetic_frames(3),
+                                               tiny_settings(injection="previous", update="off"))
+    none, none_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(3),
+                                                    tiny_settings(injection="none", update="off"))
+    # What is really in memory while frame i is handed out: the anchor's and frame i's features
+    # (frame i is the next frame's previous), whatever the clip length.
+    assert long == [{0}] + [{0, i} for i in range(1, 6)]
+    assert short == long[:3]
+    assert anchor == [{0}, {0}, {0}]
+    assert previous == [{0}, {1}, {2}]
+    assert none == [set(), set(), set()]
+    # The bank's own count, reported in the stats, agrees.
     assert short_stats.feature_cache_bytes > 0
     assert long_stats.feature_cache_bytes == short_stats.feature_cache_bytes, "anchor+previous+current, any length"
     # anchor only: the anchor is recorded once, later frames record nothing.
@@ -215,11 +284,90 @@ def test_guided_update_pulls_towards_previous_frame_and_modes_agree(tiny_setting
     assert cosine > 0.5, cosine
 
 
-def test_update_is_limited_to_the_early_steps(tiny_settings):
-    frames = synthetic_frames(2)
-    never, _ = run_edit(frames, tiny_settings(update="off", injection="none"))
-    zero_delta, _ = run_edit(frames, tiny_settings(update="x0", update_delta=0.0, injection="none"))
-    assert all(np.array_equal(a, b) for a, b in zip(never, zero_delta))
+class GuidedUpdateCalls:
+    """Where the guided update really runs: (frame, step) of every call the editor makes to
+    ``guidance.apply_update`` and to the gradient functions.
+
+    Frame and step come from the real UNet calls of the edit (one per denoising step, with both
+    guidance branches in the batch; inversion calls carry one): the k-th edit call of the clip is
+    step ``k % steps`` of frame ``k // steps``. The wrapped functions still do their work.
+    """
+
+    def __init__(self, monkeypatch, unet, steps: int):
+        from p2v_runtime import editor  # the names the editor calls (imported from guidance)
+
+        self.steps = steps
+        self.edit_unet_calls = 0
+        self.calls: dict[str, list[tuple[int, int]]] = {"apply_update": [], "x0_gradient": [], "autograd_gradient": []}
+        for name in self.calls:
+            monkeypatch.setattr(editor, name, self._wrap(name, getattr(editor, name)))
+        self.handle = unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        if args[0].shape[0] == 2:
+            self.edit_unet_calls += 1
+
+    def _wrap(self, name, function):
+        def wrapped(*args, **kwargs):
+            k = self.edit_unet_calls - 1
+            self.calls[name].append((k // self.steps, k % self.steps))
+            return function(*args, **kwargs)
+
+        return wrapped
+
+    def steps_by_frame(self, name: str, frames: int) -> dict[int, list[int]]:
+        found: dict[int, list[int]] = {frame: [] for frame in range(frames)}
+        for frame, step in self.calls[name]:
+            found[frame].append(step)
+        return found
+
+    def close(self):
+        self.handle.remove()
+
+
+def guided_update_calls(monkeypatch, tiny_settings, frames, **overrides):
+    from p2v_runtime.models import load_depth_pipeline
+
+    settings = tiny_settings(injection="none", update_delta=10.0, **overrides)
+    pipeline, _ = load_depth_pipeline(settings.model, settings.device, settings.dtype)
+    recorder = GuidedUpdateCalls(monkeypatch, pipeline.unet, settings.steps)
+    try:
+        run_edit(frames, settings)
+    finally:
+        recorder.close()
+    assert recorder.edit_unet_calls == settings.steps * len(frames)
+    return settings, recorder
+
+
+@pytest.mark.parametrize(
+    "update, steps, update_steps, last",
+    [
+        ("x0", 4, 25, 2),  # the defaults on 4 steps: 25 of 50 -> index 2
+        ("autograd", 4, 25, 2),
+        ("x0", 10, 25, 5),
+        ("x0", 10, 26, 5),  # 5.2 -> 5
+        ("x0", 10, 30, 6),
+        ("x0", 5, 25, 3),  # 2.5: halves round up (round() would give 2)
+        ("x0", 10, 0, 0),  # the first step only
+        ("x0", 10, 50, 9),  # every step
+    ],
+)
+def test_update_is_limited_to_the_early_steps(monkeypatch, tiny_settings, update, steps, update_steps, last):
+    frames = synthetic_frames(3)
+    settings, recorder = guided_update_calls(monkeypatch, tiny_settings, frames, update=update, steps=steps,
+                                             update_steps=update_steps)
+    assert settings.last_update_step() == last
+    early = list(range(last + 1))
+    expected = {0: [], 1: early, 2: early}  # frame 1 has no previous frame to be pulled towards
+    assert recorder.steps_by_frame("apply_update", len(frames)) == expected
+    gradient, unused = ("x0_gradient", "autograd_gradient") if update == "x0" else ("autograd_gradient", "x0_gradient")
+    assert recorder.steps_by_frame(gradient, len(frames)) == expected
+    assert recorder.calls[unused] == []
+
+
+def test_update_off_runs_no_update(monkeypatch, tiny_settings):
+    _, recorder = guided_update_calls(monkeypatch, tiny_settings, synthetic_frames(3), update="off")
+    assert recorder.calls == {"apply_update": [], "x0_gradient": [], "autograd_gradient": []}
 
 
 # -- cost model, cancel, order, determinism ----------------------------------------------------
@@ -228,10 +376,14 @@ def test_update_is_limited_to_the_early_steps(tiny_settings):
 def test_generator_yields_in_order_as_each_frame_is_done(tiny_settings):
     frames = synthetic_frames(4)
     source = ArrayFrames(frames)
+    stats = EditStats()
+    steps = 2
     indices = []
-    for index, rgb in edit_clip(source, tiny_settings(steps=2)):
+    for index, rgb in edit_clip(source, tiny_settings(steps=steps), stats=stats):
         indices.append(index)
         assert rgb.shape == frames[0].shape and rgb.dtype == np.uint8
+        # As soon as it is done: this frame's denoising has run, the next frame's has not begun.
+        assert stats.unet_calls_edit == (index + 1) * steps, (index, stats.unet_calls_edit)
     assert indices == [0, 1, 2, 3]
 
 
@@ -267,10 +419,38 @@ def test_cancel_stops_within_one_denoising_step(tiny_settings, stage):
     assert raised.value.frames_done == len(results)
 
 
-def test_same_seed_same_output(tiny_settings, tmp_path):
-    frames = synthetic_frames(2)
-    first, _ = run_edit(frames, tiny_settings(cache_dir=str(tmp_path / "a")))
-    second, _ = run_edit(frames, tiny_settings(cache_dir=str(tmp_path / "b")))
+def test_same_inputs_give_bit_identical_output_whatever_the_random_state(tiny_settings, tmp_path):
+    """DDIM with eta 0 from inverted noise has no randomness: the whole chain (inversion, injection,
+    the guided update, decoding) must not draw from any random generator. Each run moves every
+    global generator (torch, NumPy, Python) to another state before every stage and step, so a
+    random draw anywhere in the chain would make the two runs differ."""
+    import random
+
+    import torch
+
+    frames = synthetic_frames(3)
+
+    def scramble(run: int):
+        counter = [0]
+
+        def progress(stage, done, total):
+            counter[0] += 1
+            seed = 1000 * run + counter[0]
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+
+        return progress
+
+    runs = []
+    for run in (1, 2):  # separate caches: both runs invert
+        settings = tiny_settings(cache_dir=str(tmp_path / f"cache{run}"), source_prompt=None)
+        outputs, stats = run_edit(frames, settings, progress=scramble(run))
+        assert stats.unet_calls_inversion == settings.steps * len(frames) and stats.inversion_cache_hits == 0
+        runs.append((outputs, stats.source_prompt))
+    (first, first_caption), (second, second_caption) = runs
+    assert first_caption == second_caption
+    assert len(first) == len(second) == len(frames)
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
 
 
@@ -289,18 +469,9 @@ def test_caption_is_the_source_prompt_when_none_is_given(tiny_settings):
     captioner, _ = load_captioner(tiny_settings().captioner, "cpu")
     from p2v_runtime.frames import resize_rgb
 
-    assert stats.source_prompt == caption_frame(captioner, resize_rgb(synthetic_frames(1)[0], (64, 64)))
-
-
-def test_update_applies_on_step_indices_0_to_k_scaled_from_50(tiny_settings):
-    frames = synthetic_frames(2)
-    common = dict(injection="none", steps=10, update="x0", update_delta=10.0)
-    # 10 steps: --update-steps 25 and 26 both end at index round(5.0) = round(5.2) = 5; 30 ends at 6.
-    at_25, _ = run_edit(frames, tiny_settings(update_steps=25, **common))
-    at_26, _ = run_edit(frames, tiny_settings(update_steps=26, **common))
-    at_30, _ = run_edit(frames, tiny_settings(update_steps=30, **common))
-    assert np.array_equal(at_25[1], at_26[1])
-    assert not np.array_equal(at_25[1], at_30[1])
+    caption = caption_frame(captioner, resize_rgb(synthetic_frames(1)[0], (64, 64)))
+    assert caption.strip(), "an empty caption would equal an unset source prompt"
+    assert stats.source_prompt == caption
 
 
 def test_guidance_scale_changes_the_edit(tiny_settings):

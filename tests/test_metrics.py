@@ -156,30 +156,74 @@ def test_shuffled_frames_score_worse_than_ordered_on_pixel_mse():
     assert shuffled > 20 * max(ordered, 1.0)
 
 
-def test_raft_without_torchvision_is_a_clear_error():
-    if metrics.raft_available():
-        pytest.skip("torchvision is installed: RAFT is available")
+class _BrokenTorchvision:
+    """A meta-path finder for a torchvision built for another torch: importing it raises RuntimeError."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            raise RuntimeError("operator torchvision::nms does not exist")
+        return None
+
+
+@pytest.mark.parametrize("torchvision, message", [
+    ("missing", "--flow raft needs torchvision"),
+    ("broken", "torchvision does not load with this torch (operator torchvision::nms does not exist)"),
+])
+def test_raft_without_a_working_torchvision_is_a_clear_error(monkeypatch, torchvision, message):
+    for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if torchvision == "missing":
+        monkeypatch.setitem(sys.modules, "torchvision", None)  # import raises ImportError
+    else:
+        monkeypatch.setattr(sys, "meta_path", [_BrokenTorchvision(), *sys.meta_path])
+    assert not metrics.raft_available()
     frames = panning_clip(2)
-    with pytest.raises(InputError, match="torchvision"):
+    with pytest.raises(InputError) as raised:
         metrics.optical_flow(frames[0], frames[1], "raft")
+    assert message in str(raised.value) and "use --flow dis or farneback" in str(raised.value)
 
 
-def test_raft_flow_plumbing_when_torchvision_is_installed(monkeypatch):
-    if not metrics.raft_available():
-        pytest.skip("torchvision is not installed (RAFT is optional)")
-    import torchvision.models.optical_flow as optical_flow
+class _CoordinateRaft:
+    """Stands in for RAFT's network: records its inputs and returns, for the padded size it was
+    given, a flow whose x is the column and whose y is 1000 + the row (RAFT returns a list of
+    refinements, (N, 2, H, W) each, the last the best)."""
 
-    from p2v_runtime import models
+    def __init__(self):
+        self.inputs = []
 
-    # Offline there are no pretrained weights: random ones check padding, shapes and layout only.
-    monkeypatch.setattr(optical_flow, "raft_large", lambda **kwargs: optical_flow.raft_small(weights=None))
-    models.release_all()  # no RAFT held from before; the random one must not outlive the test
-    try:
-        frames = panning_clip(2, height=50, width=70)  # neither a multiple of 8 nor 128 a side
-        flow = metrics.optical_flow(frames[1], frames[0], "raft")
-    finally:
-        models.release_all()
-    assert flow.shape == (50, 70, 2) and flow.dtype == np.float32 and np.isfinite(flow).all()
+    def __call__(self, first, second):
+        import torch
+
+        self.inputs.append((first.clone(), second.clone()))
+        _, _, height, width = first.shape
+        rows, columns = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        best = torch.stack([columns, rows + 1000]).float()[None]
+        return [torch.zeros_like(best), best]
+
+
+@pytest.mark.parametrize("height, width, padded", [(50, 70, (128, 128)), (130, 150, (136, 152))])
+def test_raft_flow_pads_normalises_and_crops_back(monkeypatch, height, width, padded):
+    """What runs around the network: inputs padded with edge pixels to multiples of 8 and at
+    least 128 a side, scaled to [-1, 1], the frames in order; the last refinement cropped back
+    to the frame and laid out as (H, W, [x, y])."""
+    network = _CoordinateRaft()
+    monkeypatch.setattr(metrics, "_raft_model", lambda: (network, "cpu"))
+    frames = panning_clip(2, height=height, width=width)
+    flow = metrics.optical_flow(frames[0], frames[1], "raft")
+
+    assert flow.shape == (height, width, 2) and flow.dtype == np.float32
+    rows, columns = np.mgrid[0:height, 0:width]
+    np.testing.assert_array_equal(flow[..., 0], columns)
+    np.testing.assert_array_equal(flow[..., 1], rows + 1000)
+    assert len(network.inputs) == 1
+    for given, frame in zip(network.inputs[0], frames):
+        given = given.numpy()
+        assert given.shape == (1, 3, *padded)
+        expected = frame.transpose(2, 0, 1).astype(np.float32) / 127.5 - 1.0
+        np.testing.assert_allclose(given[0, :, :height, :width], expected, atol=1e-6)
+        # The padding repeats the last row and column.
+        np.testing.assert_allclose(given[0, :, height:, :width], np.repeat(expected[:, -1:, :], padded[0] - height, 1))
+        np.testing.assert_allclose(given[0, :, :height, width:], np.repeat(expected[:, :, -1:], padded[1] - width, 2))
 
 
 def test_evaluate_clip_reports_per_frame_values(tiny_models):

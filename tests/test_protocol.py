@@ -227,8 +227,18 @@ json_values = st.recursive(
 )
 
 
+# Arbitrary bytes, and arbitrary bytes behind a valid prefix that announces their length (plain
+# random bytes almost never get past the magic).
+arbitrary_messages = st.one_of(
+    st.binary(max_size=200),
+    st.builds(raw, st.binary(max_size=120), st.binary(max_size=60)),
+    st.builds(lambda header, payload, cut: raw(header, payload)[:cut], st.binary(max_size=120),
+              st.binary(max_size=60), st.integers(0, 200)),
+)
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=200))
+@given(arbitrary_messages)
 def test_arbitrary_bytes_either_decode_or_raise_protocol_error(data):
     try:
         P.decode(data)
@@ -260,15 +270,24 @@ def test_any_allowed_frame_round_trips(width, height, index, kind):
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.binary(min_size=3, max_size=3), st.integers(0, 255))
+@given(
+    st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, P.MAX_HEADER_BYTES, P.MAX_HEADER_BYTES + 1])),
+    st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, P.MAX_PAYLOAD_BYTES, P.MAX_PAYLOAD_BYTES + 1])),
+    st.one_of(st.just(P.MAGIC), st.binary(min_size=3, max_size=3)),
+    st.one_of(st.just(P.PROTOCOL_VERSION), st.integers(0, 255)),
+)
 def test_any_prefix_is_checked_before_use(header_len, payload_len, magic, version):
+    # Accepted exactly when magic, version and both lengths are within the limits, and then the
+    # lengths are the announced ones; a random magic alone would (almost) never reach acceptance.
     data = P.PREFIX.pack(magic, version, header_len, payload_len)
-    try:
-        got = P.parse_prefix(data)
-    except P.ProtocolError:
-        return
-    assert magic == P.MAGIC and version == P.PROTOCOL_VERSION
-    assert 0 < got[0] <= P.MAX_HEADER_BYTES and got[1] <= P.MAX_PAYLOAD_BYTES
+    usable = (magic == P.MAGIC and version == P.PROTOCOL_VERSION and 0 < header_len <= P.MAX_HEADER_BYTES
+              and payload_len <= P.MAX_PAYLOAD_BYTES)
+    if usable:
+        assert P.parse_prefix(data) == (header_len, payload_len)
+    else:
+        with pytest.raises(P.ProtocolError) as info:
+            P.parse_prefix(data)
+        assert info.value.code in P.ERROR_CODES
 
 
 # --- the stats every edit path reports ----------------------------------------------------------

@@ -235,11 +235,23 @@ def test_zpass_render_leaves_the_scenes_as_they_were(results):
         assert outcome(results, name)["settings_changes"] == [], name
 
 
-def test_quick_preview_is_faster_than_the_scene_settings(results):
+def test_quick_preview_renders_fewer_samples_without_denoising(results):
+    """What makes the quick preview cheaper, as Blender rendered it: for each render of the Z-pass
+    copy, its engine and sample settings as the render started and the samples the engine reported."""
     found = outcome(results, "zpass_frames")
-    preview, scene = found["preview"]["seconds"], found["scene"]["seconds"]
-    assert len(preview) == len(scene) == 3
-    assert sorted(preview)[1] < sorted(scene)[1] * 1.5  # 8 samples against the scene's 16 (noisy at this size)
+    assert found["geo_samples"] == {"cycles": 16, "eevee": 64}  # the user's scene (Blender's Eevee default)
+    assert found["denoising_scene"] is True
+    scene, preview, preview_denoising_scene, eevee = (
+        found[label]["renders"] for label in ("scene", "preview", "preview_denoising_scene", "eevee"))
+    assert len(scene) == len(preview) == len(preview_denoising_scene) == len(eevee) == 3, "one render a frame"
+    for render in scene:  # as the scene is set
+        assert (render["engine"], render["cycles_samples"], render["rendered_samples"]) == ("CYCLES", 16, [16, 16])
+    # Cycles at 8 samples and without denoising, also where the user's scene denoises.
+    for render in preview + preview_denoising_scene:
+        assert (render["engine"], render["cycles_samples"], render["rendered_samples"]) == ("CYCLES", 8, [8, 8])
+        assert render["cycles_denoising"] is False
+    for render in eevee:  # Eevee at 4 samples
+        assert render["engine"] != "CYCLES" and (render["eevee_samples"], render["rendered_samples"]) == (4, [4, 4])
 
 
 def test_background_and_bad_values(results):
@@ -296,6 +308,7 @@ def test_local_runtime_edits_with_the_zpass(results):
     """The add-on's own runtime subprocess, real edit (tiny models), the scene rendered as it is set."""
     found = outcome(results, "zpass_local")
     assert found["state"] == "done", found["message"]
+    assert found["depth_source"] == "file", "the runtime edited with the Z pass it was sent, not an estimate"
     assert found["frames_done"] == found["stats_frames"] == 3
     assert len(found["new"]["files_on_disk"]) == 3 and found["changes"] == []
 
@@ -338,8 +351,6 @@ BAD = {
 @pytest.mark.parametrize("name", sorted(BAD))
 def test_bad_zpass_input_is_reported_and_changes_nothing(results, name):
     found = outcome(results, name)
-    if found.get("skipped"):
-        pytest.skip(found["skipped"])
     message = found["error"]["message"] if "error" in found else found["message"]
     assert BAD[name] in message, message
     if "error" in found:  # refused before anything started
@@ -364,6 +375,9 @@ def test_panel_shows_the_render_setting_with_zpass(results):
 def test_operator_runs_a_zpass_edit(results):
     found = outcome(results, "zpass_operator")
     assert found["result"] == ["FINISHED"] and found["length"] == 3
+    # With the scene's settings: Z pass, rendered as the scene is set (16 samples, not the preview's 8).
+    assert found["depth_source"] == ["file"]
+    assert found["rendered_samples"] == [[16, 16]] * 3
     assert found["settings_changes"] == []
 
 
