@@ -1150,7 +1150,7 @@ def scenario_zpass_frames():
     shown.cycles.use_denoising = True  # as a user would set it (restored below): the preview turns it off
     try:
         out["denoising_scene"] = shown.cycles.use_denoising
-        grab(geo, "ZPASS", "PREVIEW", "preview_denoising_scene")
+        grab(geo, "zpass", "preview", "preview_denoising_scene")
     finally:
         shown.cycles.use_denoising = denoising
     for label, names in (("workbench", ("BLENDER_WORKBENCH",)), ("eevee", compat.EEVEE_ENGINES)):
@@ -1268,13 +1268,9 @@ def scenario_zpass_operator():
     try:
         result = bpy.ops.sequencer.p2v_edit()
     finally:
-<<<<<<< HEAD
-        props.depth, props.zpass_render = "estimate", "preview"
-=======
         log.stop()
         operators.build_job = build_job
-        props.depth, props.zpass_render = "ESTIMATE", "PREVIEW"
->>>>>>> wt-tests
+        props.depth, props.zpass_render = "estimate", "preview"
     after = snapshot()
     new = [name for name in after["strips"] if name not in before["strips"]]
     length = after["strips"][new[0]]["frame_final_duration"] if new else None
