@@ -18,12 +18,13 @@ A cancelled or failed job keeps the frames already received as a shorter strip a
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from dataclasses import dataclass
 
-from . import output_strip, runtime_process, strip_frames
+from . import output_strip, png, runtime_process, strip_frames
 from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
 
@@ -59,11 +60,12 @@ class EditJob:
     """
 
     def __init__(self, scene, strip, settings, runtime: runtime_process.RuntimeConfig, *, output_dir: str = "",
-                 max_frames: int = 0, confirmed: bool = False):
+                 max_frames: int = 0, confirmed: bool = False, save_depth_dir: str = ""):
         self.scene = scene
         self.strip = strip
         self.settings = settings
         self.runtime = runtime
+        self.save_depth_dir = save_depth_dir  # the depth each frame was edited with, as 16-bit PNGs
         self.output_dir = output_dir
         self.max_frames = max_frames
         self.confirmed = confirmed
@@ -166,6 +168,11 @@ class EditJob:
             runtime_process.resolve_python(self.runtime.python)
         self.output = output_strip.OutputStrip(self.scene, self.strip, frames.first_frame, frames.count,
                                                self.output_dir)
+        if self.save_depth_dir:
+            try:
+                os.makedirs(self.save_depth_dir, exist_ok=True)
+            except OSError as exc:
+                raise P2VAddonError(f"Cannot create the depth folder {self.save_depth_dir}: {exc.strerror or exc}") from None
         if self.runtime.mode != "REMOTE":
             self.process = runtime_process.ensure_local(self.runtime)
         frames.open()
@@ -335,7 +342,7 @@ class EditJob:
             depth = self._next_depth if self.frames.has_depth else None
             # cancel() calls client.cancel() itself, so the wait for results needs no polling.
             for message in client.run_job(self.settings.to_wire(), self._next_frame, width, height, count=self.total,
-                                          depth=depth):
+                                          depth=depth, send_depth=bool(self.save_depth_dir)):
                 if message.type == "progress":
                     events.put(("progress", message["stage"], message["done"], message["total"]))
                 elif message.type == "result":
@@ -343,6 +350,10 @@ class EditJob:
                     events.put(("frame", name))
                 elif message.type == "warning":
                     events.put(("warning", str(message.get("message", ""))))
+                elif message.type == "depth_used":
+                    map_height, map_width = message["shape"]
+                    png.write_grey16(os.path.join(self.save_depth_dir, output_strip.FRAME_NAME.format(message["index"])),
+                                     message.payload, map_width, map_height)
                 elif message.type == "done":
                     events.put(("done", dict(message["stats"])))
                 elif message.type == "cancelled":

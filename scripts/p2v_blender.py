@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "add-on preferences, then the values shown")
     parser.add_argument("--save", action="store_true", help="save the .blend with the new strip")
     parser.add_argument("--stats", metavar="FILE", help="write the edit's statistics as JSON")
+    parser.add_argument("--save-depth", metavar="DIR", help="write the depth each frame was edited with (16-bit PNG, "
+                                                          "the model's size, near = bright), also for --depth zpass")
     parser.add_argument("--runtime-python", help="Python that has p2v_runtime (starts a local runtime)")
     parser.add_argument("--server", metavar="HOST:PORT", help="use a running `p2v serve` instead")
     parser.add_argument("--token-file", help="file with the --server token (default: $P2V_TOKEN)")
@@ -169,7 +171,8 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
         return fail(exc, EXIT_USAGE)
     output_dir = args.output_dir or (bpy.path.abspath(prefs.output_dir) if prefs is not None and prefs.output_dir else "")
     job = modules["job"].EditJob(scene, strip, settings, runtime, output_dir=output_dir,
-                                 max_frames=max(0, args.max_frames))
+                                 max_frames=max(0, args.max_frames),
+                                 save_depth_dir=os.path.abspath(args.save_depth) if args.save_depth else "")
     try:
         job.start()
     except errors.P2VAddonError as exc:

@@ -160,6 +160,23 @@ def test_png_writer_round_trip(tmp_path):
         png.encode_rgb(b"\x00" * 10, 53, 37)
 
 
+def test_png_grey16_writes_what_the_runtime_writes(tmp_path):
+    """The add-on's --save-depth PNGs (standard library) hold the values the runtime's own writer
+    gives the same depth: clipped to [0, 1], NaN as 0, rounded to even."""
+    from blender_addon import png
+    from p2v_runtime.frames import write_depth_png
+
+    values = np.random.default_rng(1).uniform(-0.2, 1.2, (13, 21)).astype(np.float32)
+    values[0, :4] = [np.nan, np.inf, -np.inf, 0.5 / 65535]
+    png.write_grey16(str(tmp_path / "addon.png"), values.astype("<f4").tobytes(), 21, 13)
+    write_depth_png(tmp_path / "runtime.png", values)
+    from PIL import Image
+
+    with Image.open(tmp_path / "addon.png") as ours, Image.open(tmp_path / "runtime.png") as theirs:
+        assert np.array_equal(np.asarray(ours).astype(np.int64), np.asarray(theirs).astype(np.int64))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["addon.png", "runtime.png"]
+
+
 def test_runtime_setup_installs_the_wheel_and_says_what_is_missing(built_addon, tmp_path):
     """Set up runtime: a venv with the bundled wheel (no network: --no-deps), then the device check."""
     from blender_addon import runtime_setup

@@ -52,6 +52,18 @@ pytestmark = pytest.mark.blender
 # --- the recording runtime -----------------------------------------------------------------------
 
 
+def _both(first, second):
+    """A depth sink that hands each map to ``first`` and, when there is one, ``second`` (the client's)."""
+    if second is None:
+        return first
+
+    def sink(index, depth01):
+        first(index, depth01)
+        second(index, depth01)
+
+    return sink
+
+
 class _Recording:
     """Frames or depth maps as the runtime's job runner reads them; each is kept as .npy."""
 
@@ -88,7 +100,8 @@ class Recorder:
         self.thread = threading.Thread(target=self.server.serve_forever, name="zpass-recorder", daemon=True)
         self.thread.start()
 
-    def run(self, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None):
+    def run(self, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None,
+            depth_sink=None):
         from p2v_runtime.editor import edit_clip
         from p2v_runtime.frames import depth_png_writer
 
@@ -98,7 +111,8 @@ class Recorder:
                                                      "count": len(frames), "size": list(frames.size)}))
         yield from edit_clip(_Recording(frames, folder, "rgb"), settings,
                              depth=None if depth is None else _Recording(depth, folder, "z"), progress=progress,
-                             cancel=cancel, stats=stats, warn=warn, depth_sink=depth_png_writer(folder / "saved-depth"))
+                             cancel=cancel, stats=stats, warn=warn,
+                             depth_sink=_both(depth_png_writer(folder / "saved-depth"), depth_sink))
 
     def job(self, prompt: str) -> Path:
         found = [p.parent for p in sorted(self.root.glob("job*/job.json"))
@@ -405,7 +419,8 @@ def test_headless_zpass_edit_through_a_server(results, recorder, tiny_models, tm
          "--strip", "geo", "--prompt", prompt, "--depth", "zpass", "--zpass-render", "preview",
          "--server", f"{recorder.host}:{recorder.port}", "--token-file", str(token_file),
          "--model", str(tiny_models["sd2-depth"]), "--device", "cpu", "--steps", "2", "--size", "128",
-         "--source-prompt", "a box on the ground", "--cache-dir", str(tmp_path / "cache")],
+         "--source-prompt", "a box on the ground", "--cache-dir", str(tmp_path / "cache"),
+         "--save-depth", str(tmp_path / "depth-used"), "--stats", str(tmp_path / "stats.json")],
         capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("p2v_blender: ")]
@@ -415,9 +430,23 @@ def test_headless_zpass_edit_through_a_server(results, recorder, tiny_models, tm
         z = np.load(job / f"z_{index}.npy")
         assert abs(_cube_columns(z) - _expected_column(scene_frame)) < 1.0
     assert sorted(p.name for p in (job / "saved-depth").iterdir()) == [f"{i:06d}.png" for i in range(3)]
+    # --save-depth: the add-on wrote (stdlib PNG) exactly the depth the runtime used and saved itself
+    for index in range(3):
+        name = f"{index:06d}.png"
+        ours, runtime = _png16(tmp_path / "depth-used" / name), _png16(job / "saved-depth" / name)
+        assert ours.ndim == 2 and ours.shape == runtime.shape and np.array_equal(ours, runtime) and ours.max() > ours.min()
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["frames"] == 3 and stats["depth_source"] == "file"
     refused = subprocess.run(
         [str(python), str(REPO / "scripts" / "p2v_blender.py"), "--blend", str(blend), "--scene", "Edit",
          "--strip", "img", "--prompt", "x", "--depth", "zpass", "--server", f"{recorder.host}:{recorder.port}",
          "--token-file", str(token_file)], capture_output=True, text=True, timeout=300, env=env)
     errors = [line for line in refused.stderr.splitlines() if line.startswith("p2v_blender: error:")]
     assert refused.returncode == 1 and len(errors) == 1 and "needs a scene strip" in errors[0]
+
+
+def _png16(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image).astype(np.int64)
