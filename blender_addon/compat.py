@@ -31,8 +31,14 @@ VERSION = tuple(bpy.app.version)
 # strip.type values, grouped by what the add-on does with them.
 EDITABLE_TYPES = {"IMAGE": "image", "MOVIE": "movie", "SCENE": "scene"}
 KIND_NAMES = {
-    "SOUND": "sound", "META": "meta", "TEXT": "text", "COLOR": "color", "ADJUSTMENT": "adjustment",
-    "MOVIECLIP": "movie clip", "MASK": "mask", "MULTICAM": "multicam",
+    "SOUND": "sound",
+    "META": "meta",
+    "TEXT": "text",
+    "COLOR": "color",
+    "ADJUSTMENT": "adjustment",
+    "MOVIECLIP": "movie clip",
+    "MASK": "mask",
+    "MULTICAM": "multicam",
 }
 MAX_CHANNEL = 128
 
@@ -74,8 +80,9 @@ def a_kind(kind: str) -> str:
 
 def new_image_strip(editor, name: str, filepath: str, channel: int, frame_start: int):
     """Add an image strip showing ``filepath`` as its first frame, unscaled."""
-    return strips(editor).new_image(name=name, filepath=filepath, channel=channel, frame_start=frame_start,
-                                    fit_method="ORIGINAL")
+    return strips(editor).new_image(
+        name=name, filepath=filepath, channel=channel, frame_start=frame_start, fit_method="ORIGINAL"
+    )
 
 
 def new_effect_strip(editor, name: str, effect_type: str, channel: int, frame_start: int, length: int):
@@ -85,11 +92,13 @@ def new_effect_strip(editor, name: str, effect_type: str, channel: int, frame_st
     """
     collection = strips(editor)
     try:
-        return collection.new_effect(name=name, type=effect_type, channel=channel, frame_start=frame_start,
-                                     length=length)
+        return collection.new_effect(
+            name=name, type=effect_type, channel=channel, frame_start=frame_start, length=length
+        )
     except TypeError:
-        return collection.new_effect(name=name, type=effect_type, channel=channel, frame_start=frame_start,
-                                     frame_end=frame_start + length)
+        return collection.new_effect(
+            name=name, type=effect_type, channel=channel, frame_start=frame_start, frame_end=frame_start + length
+        )
 
 
 def parent_meta(strip):
@@ -179,8 +188,10 @@ EEVEE_ENGINES = ("BLENDER_EEVEE", "BLENDER_EEVEE_NEXT")  # 5.x / 4.2 .. 4.x
 def render_size(scene) -> tuple[int, int]:
     """Width and height of a render of ``scene`` (resolution times percentage, as Blender rounds)."""
     render = scene.render
-    return (render.resolution_x * render.resolution_percentage // 100,
-            render.resolution_y * render.resolution_percentage // 100)
+    return (
+        render.resolution_x * render.resolution_percentage // 100,
+        render.resolution_y * render.resolution_percentage // 100,
+    )
 
 
 def render_still(scene, filepath: str) -> None:

@@ -31,11 +31,11 @@ from .errors import P2VAddonError, StripTooLong
 FRAME_QUEUE = 4  # rendered frames waiting for the worker (memory bound)
 POLL_BUDGET = 0.05  # seconds of rendering per poll, so the UI stays responsive
 
-_current: "EditJob | None" = None
+_current: EditJob | None = None
 _current_lock = threading.Lock()
 
 
-def current_job() -> "EditJob | None":
+def current_job() -> EditJob | None:
     """The job running now, if any (the panel shows its progress)."""
     job = _current
     return job if job is not None and job.running else None
@@ -59,8 +59,18 @@ class EditJob:
     render) say what this job renders and sends.
     """
 
-    def __init__(self, scene, strip, settings, runtime: runtime_process.RuntimeConfig, *, output_dir: str = "",
-                 max_frames: int = 0, confirmed: bool = False, save_depth_dir: str = ""):
+    def __init__(
+        self,
+        scene,
+        strip,
+        settings,
+        runtime: runtime_process.RuntimeConfig,
+        *,
+        output_dir: str = "",
+        max_frames: int = 0,
+        confirmed: bool = False,
+        save_depth_dir: str = "",
+    ):
         self.scene = scene
         self.strip = strip
         self.settings = settings
@@ -99,7 +109,7 @@ class EditJob:
     def frames_done(self) -> int:
         return 0 if self.output is None else self.output.frames
 
-    def start(self, threaded: bool = True) -> "EditJob":
+    def start(self, threaded: bool = True) -> EditJob:
         """Check, then start; raise :class:`P2VAddonError` (nothing changed) when the job cannot run.
 
         ``threaded=False`` starts no worker: :meth:`run_here` then does its work on this thread.
@@ -156,23 +166,31 @@ class EditJob:
             self.settings.validate()  # the runtime's own rules and messages (the vendored schema)
         except SettingsError as exc:
             raise P2VAddonError(str(exc)) from None
-        frames = strip_frames.StripFrames(self.scene, self.strip, self.settings.depth, self.settings.zpass_render,
-                                          self.settings.frames)
+        frames = strip_frames.StripFrames(
+            self.scene, self.strip, self.settings.depth, self.settings.zpass_render, self.settings.frames
+        )
         self.total = frames.count
         if self.max_frames and frames.count > self.max_frames and not self.confirmed:
-            raise StripTooLong(f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
-                               f"{self.max_frames}: confirm to edit it anyway", frames.count, self.max_frames)
+            raise StripTooLong(
+                f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
+                f"{self.max_frames}: confirm to edit it anyway",
+                frames.count,
+                self.max_frames,
+            )
         if self.runtime.mode == "REMOTE":
             runtime_process.require_wire()
         else:
             runtime_process.resolve_python(self.runtime.python)
-        self.output = output_strip.OutputStrip(self.scene, self.strip, frames.first_frame, frames.count,
-                                               self.output_dir)
+        self.output = output_strip.OutputStrip(
+            self.scene, self.strip, frames.first_frame, frames.count, self.output_dir
+        )
         if self.save_depth_dir:
             try:
                 os.makedirs(self.save_depth_dir, exist_ok=True)
             except OSError as exc:
-                raise P2VAddonError(f"Cannot create the depth folder {self.save_depth_dir}: {exc.strerror or exc}") from None
+                raise P2VAddonError(
+                    f"Cannot create the depth folder {self.save_depth_dir}: {exc.strerror or exc}"
+                ) from None
         if self.runtime.mode != "REMOTE":
             self.process = runtime_process.ensure_local(self.runtime)
         frames.open()
@@ -184,11 +202,14 @@ class EditJob:
             return False
         try:
             self._render_ahead()
-        except Exception as exc:  # a frame could not be rendered: stop the worker and the runtime's job
+        except Exception as exc:  # noqa: BLE001 - a frame could not be rendered: stop the worker and the runtime's job
             self._abort.set()
             self._cancel.set()
-            message = str(exc) if isinstance(exc, P2VAddonError) else \
-                f"Frame {self._rendered} of strip '{self.strip_name}' could not be read: {exc}"
+            message = (
+                str(exc)
+                if isinstance(exc, P2VAddonError)
+                else f"Frame {self._rendered} of strip '{self.strip_name}' could not be read: {exc}"
+            )
             self._events.put(("error", message))
         for event in self._waiting_events():
             self._apply(event)
@@ -232,10 +253,15 @@ class EditJob:
         elif kind == "done":
             self.stats = event[1]
             if self.frames_done == self.total:
-                self._finish("done", f"Edited {self.total} frame(s) of '{self.strip_name}' into strip "
-                             f"'{self.output.strip_name}' ({self.output.folder})")
+                self._finish(
+                    "done",
+                    f"Edited {self.total} frame(s) of '{self.strip_name}' into strip "
+                    f"'{self.output.strip_name}' ({self.output.folder})",
+                )
             else:
-                self._finish("failed", f"The runtime finished with {self.frames_done} of {self.total} frame(s)" + self._kept())
+                self._finish(
+                    "failed", f"The runtime finished with {self.frames_done} of {self.total} frame(s)" + self._kept()
+                )
         elif kind == "cancelled":
             self._finish("cancelled", f"Cancelled after {self.frames_done} of {self.total} frame(s)" + self._kept())
         elif kind == "error":
@@ -290,7 +316,7 @@ class EditJob:
             return
         try:
             client.close() if again else client.cancel()
-        except Exception:  # the connection is already gone: the worker reports that
+        except Exception:  # noqa: BLE001 - the connection is already gone: the worker reports that
             pass
 
     def wait(self, timeout: float | None = None, interval: float = 0.02, on_poll=None) -> str:
@@ -341,8 +367,15 @@ class EditJob:
             width, height = self.frames.width, self.frames.height
             depth = self._next_depth if self.frames.has_depth else None
             # cancel() calls client.cancel() itself, so the wait for results needs no polling.
-            for message in client.run_job(self.settings.to_wire(), self._next_frame, width, height, count=self.total,
-                                          depth=depth, send_depth=bool(self.save_depth_dir)):
+            for message in client.run_job(
+                self.settings.to_wire(),
+                self._next_frame,
+                width,
+                height,
+                count=self.total,
+                depth=depth,
+                send_depth=bool(self.save_depth_dir),
+            ):
                 if message.type == "progress":
                     events.put(("progress", message["stage"], message["done"], message["total"]))
                 elif message.type == "result":
@@ -352,8 +385,12 @@ class EditJob:
                     events.put(("warning", str(message.get("message", ""))))
                 elif message.type == "depth_used":
                     map_height, map_width = message["shape"]
-                    png.write_grey16(os.path.join(self.save_depth_dir, output_strip.FRAME_NAME.format(message["index"])),
-                                     message.payload, map_width, map_height)
+                    png.write_grey16(
+                        os.path.join(self.save_depth_dir, output_strip.FRAME_NAME.format(message["index"])),
+                        message.payload,
+                        map_width,
+                        map_height,
+                    )
                 elif message.type == "done":
                     events.put(("done", dict(message["stats"])))
                 elif message.type == "cancelled":
@@ -364,7 +401,7 @@ class EditJob:
             events.put(("cancelled",) if self._cancel.is_set() else ("error", str(exc)))
         except OSError as exc:
             events.put(("error", f"Cannot write the edited frame into {self.output.folder}: {exc.strerror or exc}"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure of the worker becomes the job's message
             lost = runtime_process.wire is not None and isinstance(exc, runtime_process.wire.ConnectionLost)
             if lost and self._cancel.is_set():  # a second cancel() dropped the connection
                 events.put(("cancelled",))
@@ -381,8 +418,10 @@ class EditJob:
             if self.process is not None:
                 status = self.process.exit_status(wait=2.0)
                 if status is not None:
-                    return (f"The runtime stopped unexpectedly (exit status {status}) during the edit; "
-                            f"its log: {self.process.log_path}")
+                    return (
+                        f"The runtime stopped unexpectedly (exit status {status}) during the edit; "
+                        f"its log: {self.process.log_path}"
+                    )
             return f"Lost the connection to {self.runtime.describe()}: {exc.message}"
         if wire is not None and isinstance(exc, wire.RemoteError):
             return f"The runtime could not edit the strip: {exc.message}"

@@ -4,13 +4,13 @@ Threading: sockets, subprocesses and pip run in worker threads; bpy is touched o
 main thread, from the modal operator's timer (``EditJob.poll``) or from ``bpy.app.timers``.
 """
 
-
 import os
 
 import bpy
 from bpy.props import BoolProperty
 
-from . import compat, job as job_module, preferences, properties, runtime_process, runtime_setup
+from . import compat, preferences, properties, runtime_process, runtime_setup
+from . import job as job_module
 from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
 
@@ -26,9 +26,14 @@ def build_job(context, *, confirmed: bool = False) -> job_module.EditJob:
     except SettingsError as exc:
         raise P2VAddonError(str(exc)) from None
     return job_module.EditJob(
-        scene, compat.active_strip(scene), settings, preferences.runtime_config(prefs),
+        scene,
+        compat.active_strip(scene),
+        settings,
+        preferences.runtime_config(prefs),
         output_dir=bpy.path.abspath(prefs.output_dir) if prefs and prefs.output_dir else "",
-        max_frames=prefs.max_frames if prefs is not None else 0, confirmed=confirmed)
+        max_frames=prefs.max_frames if prefs is not None else 0,
+        confirmed=confirmed,
+    )
 
 
 def unavailable_reason(context) -> str | None:
@@ -57,8 +62,12 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
     bl_label = "Edit Strip"
     bl_options = {"REGISTER", "UNDO"}
 
-    confirm_long: BoolProperty(name="Confirm long strip", default=False, options={"HIDDEN", "SKIP_SAVE"},
-                               description="Edit even when the strip has more frames than the preference allows")
+    confirm_long: BoolProperty(
+        name="Confirm long strip",
+        default=False,
+        options={"HIDDEN", "SKIP_SAVE"},
+        description="Edit even when the strip has more frames than the preference allows",
+    )
 
     _timer = None
     _job: job_module.EditJob | None = None
@@ -78,8 +87,11 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
         except StripTooLong as exc:
             self.confirm_long = True
             return context.window_manager.invoke_confirm(
-                self, event, title="Edit a long strip?",
-                message=f"The strip has {exc.frames} frames (limit {exc.limit}); editing may take long.")
+                self,
+                event,
+                title="Edit a long strip?",
+                message=f"The strip has {exc.frames} frames (limit {exc.limit}); editing may take long.",
+            )
         except P2VAddonError as exc:
             self.report({"ERROR"}, str(exc))
             return {"CANCELLED"}
@@ -134,8 +146,10 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
         workspace = getattr(context, "workspace", None)
         if workspace is not None and job is not None:
             status = job.status
-            workspace.status_text_set(f"Pix2Video: {status.stage} {status.stage_done}/{status.stage_total}, "
-                                      f"{job.frames_done}/{job.total} frames (Esc to cancel)")
+            workspace.status_text_set(
+                f"Pix2Video: {status.stage} {status.stage_done}/{status.stage_total}, "
+                f"{job.frames_done}/{job.total} frames (Esc to cancel)"
+            )
 
     def _finished(self, context, job):
         if self._timer is not None:
@@ -227,7 +241,7 @@ def _run_check(config: runtime_process.RuntimeConfig) -> None:
             runtime_setup.set_check_text(f"{server} at {config.host}:{config.port} answers ({seconds * 1000:.1f} ms)")
         except P2VAddonError as exc:
             runtime_setup.set_check_text(str(exc))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the check reports whatever went wrong
             runtime_setup.set_check_text(f"Check failed: {exc}")
         return
     runtime_setup.set_check_text(runtime_process.describe_check(runtime_process.check_python(config.python)))
@@ -249,14 +263,22 @@ class P2V_OT_setup_runtime(bpy.types.Operator):
 
     def execute(self, context):
         prefs = preferences.addon_preferences(context)
-        package = prefs.runtime_package.strip() if prefs is not None and prefs.runtime_package.strip() else \
-            preferences.bundled_runtime_package()
+        package = (
+            prefs.runtime_package.strip()
+            if prefs is not None and prefs.runtime_package.strip()
+            else preferences.bundled_runtime_package()
+        )
         venv_dir = preferences.default_venv_dir()
         runtime_process.release()
-        task = runtime_setup.start_task(runtime_setup.SetupTask(
-            preferences.base_python(prefs), venv_dir, [package],
-            torch_index_url=prefs.torch_index_url if prefs is not None else "",
-            log_path=os.path.join(preferences.log_dir(), "setup.log")))
+        task = runtime_setup.start_task(
+            runtime_setup.SetupTask(
+                preferences.base_python(prefs),
+                venv_dir,
+                [package],
+                torch_index_url=prefs.torch_index_url if prefs is not None else "",
+                log_path=os.path.join(preferences.log_dir(), "setup.log"),
+            )
+        )
 
         def finished() -> bool:
             if task.state == "running":
@@ -306,8 +328,14 @@ def _watch(done) -> None:
     bpy.app.timers.register(tick, first_interval=0.2)
 
 
-CLASSES = (SEQUENCER_OT_p2v_edit, SEQUENCER_OT_p2v_cancel, P2V_OT_release_runtime, P2V_OT_check_runtime,
-           P2V_OT_setup_runtime, P2V_OT_cancel_setup)
+CLASSES = (
+    SEQUENCER_OT_p2v_edit,
+    SEQUENCER_OT_p2v_cancel,
+    P2V_OT_release_runtime,
+    P2V_OT_check_runtime,
+    P2V_OT_setup_runtime,
+    P2V_OT_cancel_setup,
+)
 
 
 def register() -> None:

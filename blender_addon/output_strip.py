@@ -63,8 +63,10 @@ def check_writable(folder: str) -> None:
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise P2VAddonError(f"Output folder {folder} is not writable ({exc.strerror or exc}); "
-                            "save the .blend elsewhere or set another output folder in the preferences") from None
+        raise P2VAddonError(
+            f"Output folder {folder} is not writable ({exc.strerror or exc}); "
+            "save the .blend elsewhere or set another output folder in the preferences"
+        ) from None
 
 
 def strip_occupies(strip, channel: int, start: int, end: int) -> bool:
@@ -91,8 +93,9 @@ class OutputStrip:
     def __init__(self, scene, source, frame_start: int, count: int, fallback_dir: str = ""):
         editor = scene.sequence_editor
         if compat.parent_meta(source) is not None:
-            raise P2VAddonError(f"Strip '{source.name}' is inside a meta strip; edit it at the top level "
-                                "(ungroup the meta strip first)")
+            raise P2VAddonError(
+                f"Strip '{source.name}' is inside a meta strip; edit it at the top level (ungroup the meta strip first)"
+            )
         self.scene = scene
         self.count = count
         self.channel = first_free_channel(editor, source, frame_start, count)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import bpy
 
-from . import compat, job as job_module, operators, preferences, properties, runtime_process
+from . import compat, operators, preferences, properties, runtime_process
+from . import job as job_module
 from ._vendor import settings as schema
 
 
@@ -55,8 +56,11 @@ class SEQUENCER_PT_p2v(bpy.types.Panel):
             factor = running.frames_done / running.total if running.total else 0.0
             compat.layout_progress(layout, factor, f"{running.frames_done}/{running.total} frames")
             if status.stage_total:
-                compat.layout_progress(layout, status.stage_done / status.stage_total,
-                                       f"{status.stage} {status.stage_done}/{status.stage_total}")
+                compat.layout_progress(
+                    layout,
+                    status.stage_done / status.stage_total,
+                    f"{status.stage} {status.stage_done}/{status.stage_total}",
+                )
             layout.operator("sequencer.p2v_cancel", text="Cancel", icon="CANCEL")
 
         box = layout.box()

@@ -45,7 +45,7 @@ def encode_grey16(values01, width: int, height: int, level: int = 6) -> bytes:
 
 
 def _encode(view, width: int, height: int, stride: int, *, colour_type: int, bit_depth: int, level: int) -> bytes:
-    raw = b"".join(b"\x00" + bytes(view[row * stride:(row + 1) * stride]) for row in range(height))
+    raw = b"".join(b"\x00" + bytes(view[row * stride : (row + 1) * stride]) for row in range(height))
     header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)  # no interlace
     return _SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(raw, level)) + _chunk(b"IEND", b"")
 

@@ -1,6 +1,5 @@
 """Add-on preferences: where the runtime is, default models and device, output folder, set-up."""
 
-
 import glob
 import os
 import sys
@@ -69,8 +68,9 @@ def runtime_config(prefs) -> runtime_process.RuntimeConfig:
     if prefs is None:
         return runtime_process.RuntimeConfig(python=default_runtime_python(), log_dir=log_dir())
     if prefs.runtime_mode == "REMOTE":
-        return runtime_process.RuntimeConfig(mode="REMOTE", host=prefs.host.strip(), port=prefs.port,
-                                             token=read_token(prefs))
+        return runtime_process.RuntimeConfig(
+            mode="REMOTE", host=prefs.host.strip(), port=prefs.port, token=read_token(prefs)
+        )
     python = bpy.path.abspath(prefs.python) if prefs.python else default_runtime_python()
     return runtime_process.RuntimeConfig(python=python, idle_timeout=float(prefs.idle_timeout), log_dir=log_dir())
 
@@ -80,29 +80,54 @@ class P2VPreferences(bpy.types.AddonPreferences):
 
     runtime_mode: EnumProperty(
         name="Runtime",
-        items=[("LOCAL", "Start local runtime", "Start the runtime with a Python on this computer and keep it warm"),
-               ("REMOTE", "Connect to a running runtime", "Use a `p2v serve` already running here or on another computer")],
-        default="LOCAL")
-    python: StringProperty(name="Runtime Python", subtype="FILE_PATH",
-                           description="Python that has p2v_runtime installed (empty: the one made by Set up runtime)")
-    idle_timeout: IntProperty(name="Stop after idle (s)", default=900, min=30,
-                              description="The local runtime exits after this long without a job")
+        items=[
+            ("LOCAL", "Start local runtime", "Start the runtime with a Python on this computer and keep it warm"),
+            ("REMOTE", "Connect to a running runtime", "Use a `p2v serve` already running here or on another computer"),
+        ],
+        default="LOCAL",
+    )
+    python: StringProperty(
+        name="Runtime Python",
+        subtype="FILE_PATH",
+        description="Python that has p2v_runtime installed (empty: the one made by Set up runtime)",
+    )
+    idle_timeout: IntProperty(
+        name="Stop after idle (s)",
+        default=900,
+        min=30,
+        description="The local runtime exits after this long without a job",
+    )
     host: StringProperty(name="Host", default="127.0.0.1")
     port: IntProperty(name="Port", default=0, min=0, max=65535)
-    token: StringProperty(name="Token", subtype="PASSWORD",
-                          description="The runtime's token (or use a token file, or $P2V_TOKEN)")
+    token: StringProperty(
+        name="Token", subtype="PASSWORD", description="The runtime's token (or use a token file, or $P2V_TOKEN)"
+    )
     token_file: StringProperty(name="Token file", subtype="FILE_PATH")
     # + the edit settings the schema keeps per user (models, device, ...): added below
-    output_dir: StringProperty(name="Output for unsaved files", subtype="DIR_PATH",
-                               description="Where edited frames go while the .blend is not saved (empty: the temp folder)")
-    max_frames: IntProperty(name="Confirm above (frames)", default=500, min=1,
-                            description="Ask before editing a strip with more frames than this")
-    setup_python: StringProperty(name="Base Python", subtype="FILE_PATH",
-                                 description="Python that makes the runtime's environment (empty: Blender's own)")
-    torch_index_url: StringProperty(name="Torch index URL",
-                                    description="Install torch from here first, e.g. a CUDA or ROCm index of pytorch.org (empty: PyPI's default build)")
-    runtime_package: StringProperty(name="Runtime package",
-                                    description="What pip installs (empty: the runtime wheel shipped with the add-on)")
+    output_dir: StringProperty(
+        name="Output for unsaved files",
+        subtype="DIR_PATH",
+        description="Where edited frames go while the .blend is not saved (empty: the temp folder)",
+    )
+    max_frames: IntProperty(
+        name="Confirm above (frames)",
+        default=500,
+        min=1,
+        description="Ask before editing a strip with more frames than this",
+    )
+    setup_python: StringProperty(
+        name="Base Python",
+        subtype="FILE_PATH",
+        description="Python that makes the runtime's environment (empty: Blender's own)",
+    )
+    torch_index_url: StringProperty(
+        name="Torch index URL",
+        description="Install torch from here first, e.g. a CUDA or ROCm index of pytorch.org "
+        "(empty: PyPI's default build)",
+    )
+    runtime_package: StringProperty(
+        name="Runtime package", description="What pip installs (empty: the runtime wheel shipped with the add-on)"
+    )
 
     def draw(self, context):
         layout = self.layout

@@ -23,14 +23,18 @@ def bpy_property(f):
         return EnumProperty(items=items, default=f.default, **common)
     kind = schema.kind_of(f)
     if kind is int:
-        limits = {k: int(v) for k, v in (("min", spec.low), ("max", spec.high), ("soft_max", spec.soft_high))
-                  if v is not None}
+        limits = {
+            k: int(v) for k, v in (("min", spec.low), ("max", spec.high), ("soft_max", spec.soft_high)) if v is not None
+        }
         if spec.multiple_of:
             limits["step"] = spec.multiple_of
         return IntProperty(default=f.default, **limits, **common)
     if kind is float:
-        limits = {k: float(v) for k, v in (("min", spec.low), ("max", spec.high), ("soft_max", spec.soft_high))
-                  if v is not None}
+        limits = {
+            k: float(v)
+            for k, v in (("min", spec.low), ("max", spec.high), ("soft_max", spec.soft_high))
+            if v is not None
+        }
         return FloatProperty(default=f.default, **limits, **common)
     subtype = {"folder": "DIR_PATH"}.get(spec.path, "NONE")
     return StringProperty(default=f.default or "", subtype=subtype, **common)
@@ -43,8 +47,11 @@ def annotations(scope: str) -> dict:
 
 def fields(scope: str, advanced: bool | None = None) -> list:
     """The schema fields kept in ``scope``, in schema order; ``advanced`` filters for the panel."""
-    return [f for f in schema.setting_fields() if schema.spec_of(f).blender == scope
-            and (advanced is None or schema.spec_of(f).advanced == advanced)]
+    return [
+        f
+        for f in schema.setting_fields()
+        if schema.spec_of(f).blender == scope and (advanced is None or schema.spec_of(f).advanced == advanced)
+    ]
 
 
 def values(props, scope: str) -> dict:
@@ -70,10 +77,14 @@ def job_settings(scene, prefs, overrides: dict | None = None):
     return schema.EditSettings.from_dict(merged)
 
 
-P2VSceneSettings = type("P2VSceneSettings", (bpy.types.PropertyGroup,), {
-    "__doc__": "What the next edit of a strip in this scene does",
-    "__annotations__": annotations(schema.SCENE),
-})
+P2VSceneSettings = type(
+    "P2VSceneSettings",
+    (bpy.types.PropertyGroup,),
+    {
+        "__doc__": "What the next edit of a strip in this scene does",
+        "__annotations__": annotations(schema.SCENE),
+    },
+)
 
 CLASSES = (P2VSceneSettings,)
 

@@ -85,8 +85,9 @@ print(json.dumps(info))
 
 def require_wire() -> None:
     if wire_client is None:
-        raise P2VAddonError("The add-on's vendored protocol is missing: run scripts/build_addon.py "
-                            "(or install the built extension zip)")
+        raise P2VAddonError(
+            "The add-on's vendored protocol is missing: run scripts/build_addon.py (or install the built extension zip)"
+        )
 
 
 @dataclass
@@ -104,7 +105,9 @@ class RuntimeConfig:
     serve_args: tuple = ()  # extra `p2v serve` arguments for a local runtime (tests: --job-runner echo)
 
     def describe(self) -> str:
-        return f"the runtime at {self.host}:{self.port}" if self.mode == "REMOTE" else f"the local runtime ({self.python})"
+        return (
+            f"the runtime at {self.host}:{self.port}" if self.mode == "REMOTE" else f"the local runtime ({self.python})"
+        )
 
 
 def venv_python(folder: str) -> str:
@@ -117,8 +120,10 @@ def venv_python(folder: str) -> str:
 def resolve_python(path: str) -> str:
     """An absolute path to an existing Python, or a :class:`P2VAddonError` that says what to do."""
     if not path:
-        raise P2VAddonError("No runtime Python is set: use Preferences > Add-ons > Pix2Video > Set up runtime, "
-                            "or give the path of a Python that has p2v_runtime installed")
+        raise P2VAddonError(
+            "No runtime Python is set: use Preferences > Add-ons > Pix2Video > Set up runtime, "
+            "or give the path of a Python that has p2v_runtime installed"
+        )
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         expanded = venv_python(expanded)
@@ -133,8 +138,9 @@ def resolve_python(path: str) -> str:
 class RuntimeProcess:
     """One ``p2v serve`` subprocess."""
 
-    def __init__(self, python: str, idle_timeout: float, log_path: str, env: dict | None = None,
-                 serve_args: tuple = ()):
+    def __init__(
+        self, python: str, idle_timeout: float, log_path: str, env: dict | None = None, serve_args: tuple = ()
+    ):
         self.python = python
         self.idle_timeout = idle_timeout
         self.log_path = log_path
@@ -158,8 +164,16 @@ class RuntimeProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         for name in ("PYTHONHOME", "PYTHONPATH"):  # Blender's own Python settings must not leak in
             env.pop(name, None)
-        serve = ["serve", "--host", "127.0.0.1", "--port", "0", "--idle-timeout", f"{self.idle_timeout:g}",
-                 *self.serve_args]
+        serve = [
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--idle-timeout",
+            f"{self.idle_timeout:g}",
+            *self.serve_args,
+        ]
         if _IS_LINUX:
             args = [self.python, "-c", _BOOTSTRAP, str(os.getpid()), *serve]
         else:
@@ -167,8 +181,14 @@ class RuntimeProcess:
         os.makedirs(os.path.dirname(self.log_path) or ".", exist_ok=True)
         self._log_handle = open(self.log_path, "wb")
         try:
-            self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=self._log_handle, env=env, creationflags=NO_WINDOW)
+            self.proc = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=self._log_handle,
+                env=env,
+                creationflags=NO_WINDOW,
+            )
         except OSError as exc:
             self._log_handle.close()
             raise P2VAddonError(f"Cannot start the runtime Python {self.python}: {exc.strerror or exc}") from None
@@ -209,8 +229,10 @@ class RuntimeProcess:
             if isinstance(ready, dict) and ready.get("event") == "ready":
                 if ready.get("protocol") != wire.PROTOCOL_VERSION:
                     self.stop()
-                    raise P2VAddonError(f"The runtime speaks protocol {ready.get('protocol')}, the add-on {wire.PROTOCOL_VERSION}: "
-                                        "update the runtime (Set up runtime) or the add-on so they match")
+                    raise P2VAddonError(
+                        f"The runtime speaks protocol {ready.get('protocol')}, the add-on {wire.PROTOCOL_VERSION}: "
+                        "update the runtime (Set up runtime) or the add-on so they match"
+                    )
                 self.host = str(ready.get("host") or "127.0.0.1")
                 self.port = int(ready["port"])
                 return
@@ -219,8 +241,10 @@ class RuntimeProcess:
         """One line on why the process ended before it was ready."""
         log = self.log_tail()
         if "No module named" in log and "p2v_runtime" in log:
-            return (f"The runtime Python {self.python} does not have p2v_runtime installed: use Set up runtime "
-                    "in the Pix2Video preferences, or pip install the runtime into that Python")
+            return (
+                f"The runtime Python {self.python} does not have p2v_runtime installed: use Set up runtime "
+                "in the Pix2Video preferences, or pip install the runtime into that Python"
+            )
         last = next((line for line in reversed(log.splitlines()) if line.strip()), "no output")
         code = self.proc.returncode if self.proc is not None else None
         return f"The runtime stopped while starting (exit status {code}): {last.strip()[:300]}; log: {self.log_path}"
@@ -256,10 +280,11 @@ class RuntimeProcess:
         if proc is not None and proc.poll() is None:
             if self.port is not None and wire_client is not None:
                 try:
-                    with wire_client.Client(self.host, self.port, self.token, timeout=2.0, connect_timeout=2.0,
-                                            name="pix2video-blender") as client:
+                    with wire_client.Client(
+                        self.host, self.port, self.token, timeout=2.0, connect_timeout=2.0, name="pix2video-blender"
+                    ) as client:
                         client.shutdown(self.token)
-                except Exception:
+                except Exception:  # noqa: BLE001 - best effort: the process is stopped below anyway
                     pass
             try:
                 proc.wait(timeout)
@@ -297,14 +322,20 @@ def ensure_local(config: RuntimeConfig) -> RuntimeProcess:
     python = resolve_python(config.python)
     with _lock:
         running = _runtime
-        if (running is not None and running.alive() and running.python == python
-                and running.env == dict(config.env) and running.serve_args == tuple(config.serve_args)):
+        if (
+            running is not None
+            and running.alive()
+            and running.python == python
+            and running.env == dict(config.env)
+            and running.serve_args == tuple(config.serve_args)
+        ):
             return running
     if running is not None:
         running.stop()
     log_dir = config.log_dir or os.path.join(os.path.expanduser("~"), ".cache", "p2v")
-    process = RuntimeProcess(python, config.idle_timeout, os.path.join(log_dir, "runtime.log"), config.env,
-                             config.serve_args)
+    process = RuntimeProcess(
+        python, config.idle_timeout, os.path.join(log_dir, "runtime.log"), config.env, config.serve_args
+    )
     process.start()
     with _lock:
         _runtime = process
@@ -340,12 +371,18 @@ def connect(config: RuntimeConfig, process: RuntimeProcess | None, cancel: threa
         return wire_client.Client(host, port, token, timeout=60.0, connect_timeout=10.0, name="pix2video-blender")
     except wire.RemoteError as exc:
         if exc.code == wire.E_AUTH:
-            raise P2VAddonError(f"The runtime at {host}:{port} refused the token: check the token in the Pix2Video preferences") from None
+            raise P2VAddonError(
+                f"The runtime at {host}:{port} refused the token: check the token in the Pix2Video preferences"
+            ) from None
         raise P2VAddonError(f"The runtime at {host}:{port} refused the connection: {exc.message}") from None
     except wire.ConnectionLost as exc:
-        raise P2VAddonError(f"Cannot connect to the runtime at {host}:{port}: {exc.message.split(': ', 1)[-1]}") from None
+        raise P2VAddonError(
+            f"Cannot connect to the runtime at {host}:{port}: {exc.message.split(': ', 1)[-1]}"
+        ) from None
     except (wire.ProtocolError, OSError) as exc:
-        raise P2VAddonError(f"Cannot talk to the runtime at {host}:{port}: {getattr(exc, 'message', None) or exc}") from None
+        raise P2VAddonError(
+            f"Cannot talk to the runtime at {host}:{port}: {getattr(exc, 'message', None) or exc}"
+        ) from None
 
 
 def check_python(python: str, timeout: float = 300.0) -> dict:
@@ -356,8 +393,14 @@ def check_python(python: str, timeout: float = 300.0) -> dict:
         return {"error": str(exc)}
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
     try:
-        done = subprocess.run([python, "-c", CHECK_SNIPPET], capture_output=True, timeout=timeout,
-                              env=env, stdin=subprocess.DEVNULL, creationflags=NO_WINDOW)
+        done = subprocess.run(
+            [python, "-c", CHECK_SNIPPET],
+            capture_output=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            creationflags=NO_WINDOW,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"{python} did not answer within {timeout:g} s"}
     except OSError as exc:

@@ -15,16 +15,16 @@ import threading
 from .errors import P2VAddonError
 from .runtime_process import NO_WINDOW, check_python, describe_check, resolve_python, venv_python
 
-_task: "SetupTask | None" = None
+_task: SetupTask | None = None
 _check = {"text": "", "thread": None}
 
 
-def current_task() -> "SetupTask | None":
+def current_task() -> SetupTask | None:
     """The set-up started last (running or finished), if any."""
     return _task
 
 
-def start_task(task: "SetupTask") -> "SetupTask":
+def start_task(task: SetupTask) -> SetupTask:
     global _task
     _task = task
     task.start()
@@ -71,8 +71,17 @@ class SetupTask:
     latest pip line; the whole output goes to ``log_path`` and the last lines to :attr:`lines`.
     """
 
-    def __init__(self, base_python: str, venv_dir: str, packages: list[str], *, torch_index_url: str = "",
-                 pip_args: list[str] | None = None, log_path: str = "", env: dict | None = None):
+    def __init__(
+        self,
+        base_python: str,
+        venv_dir: str,
+        packages: list[str],
+        *,
+        torch_index_url: str = "",
+        pip_args: list[str] | None = None,
+        log_path: str = "",
+        env: dict | None = None,
+    ):
         self.base_python = base_python
         self.venv_dir = venv_dir
         self.packages = list(packages)
@@ -128,7 +137,16 @@ class SetupTask:
             self._log = open(self.log_path, "w", encoding="utf-8")
             base = resolve_python(self.base_python)
             steps = [("Creating the virtual environment", [base, "-m", "venv", self.venv_dir])]
-            pip = [self.python, "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off", *self.pip_args]
+            pip = [
+                self.python,
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--progress-bar",
+                "off",
+                *self.pip_args,
+            ]
             if self.torch_index_url:
                 steps.append(("Installing torch", [*pip, "torch", "--index-url", self.torch_index_url]))
             steps.append(("Installing the runtime", [*pip, *self.packages]))
@@ -152,7 +170,7 @@ class SetupTask:
         except P2VAddonError as exc:
             self.message = str(exc)
             self.state = "failed"
-        except Exception as exc:  # keep the UI informed whatever happens
+        except Exception as exc:  # noqa: BLE001 - keep the UI informed whatever happens
             self.message = f"Set-up failed: {type(exc).__name__}: {exc}"
             self.state = "failed"
         finally:
@@ -168,8 +186,14 @@ class SetupTask:
         env.update(self.env)
         env["PYTHONUNBUFFERED"] = "1"
         try:
-            self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, env=env, creationflags=NO_WINDOW)
+            self._proc = subprocess.Popen(
+                command,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                creationflags=NO_WINDOW,
+            )
         except OSError as exc:
             raise P2VAddonError(f"Cannot run {command[0]}: {exc.strerror or exc}") from None
         for raw in self._proc.stdout:

@@ -33,8 +33,8 @@ import tempfile
 import bpy
 
 from . import compat
-from .errors import P2VAddonError
 from ._vendor import settings as schema
+from .errors import P2VAddonError
 
 DEPTH_MODES = schema.choice_values("depth")  # estimate, zpass
 ZPASS_RENDERS = schema.choice_values("zpass_render")  # quick preview, as the scene is set
@@ -53,7 +53,9 @@ def check_strip(scene, strip, depth: str = "estimate", zpass_render: str = "prev
         raise P2VAddonError("No active strip: click the image, movie or scene strip to edit in the Sequencer")
     kind = compat.strip_kind(strip)
     if kind not in ("image", "movie", "scene"):
-        raise P2VAddonError(f"Strip '{strip.name}' is {compat.a_kind(kind)} strip; Pix2Video edits image, movie and scene strips")
+        raise P2VAddonError(
+            f"Strip '{strip.name}' is {compat.a_kind(kind)} strip; Pix2Video edits image, movie and scene strips"
+        )
     if strip.frame_final_duration < 1:
         raise P2VAddonError(f"Strip '{strip.name}' shows no frames")
     if kind == "movie":
@@ -70,15 +72,20 @@ def check_strip(scene, strip, depth: str = "estimate", zpass_render: str = "prev
         if shown is None:
             raise P2VAddonError(f"Scene strip '{strip.name}' has no scene")
         if shown == scene:
-            raise P2VAddonError(f"Scene strip '{strip.name}' shows '{scene.name}', the Sequencer's own scene: Blender "
-                                f"cannot render a scene inside itself; show another scene in the strip")
+            raise P2VAddonError(
+                f"Scene strip '{strip.name}' shows '{scene.name}', the Sequencer's own scene: Blender "
+                f"cannot render a scene inside itself; show another scene in the strip"
+            )
         if getattr(strip, "scene_input", "CAMERA") == "CAMERA" and (strip.scene_camera or shown.camera) is None:
             raise P2VAddonError(f"Scene '{shown.name}' of strip '{strip.name}' has no camera to render from")
     if depth not in DEPTH_MODES:
         raise P2VAddonError(f"Unknown depth mode {depth!r}; use one of {', '.join(DEPTH_MODES)}")
     if depth == "zpass":
         if kind != "scene":
-            raise P2VAddonError(f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip: use Depth 'Estimate'")
+            raise P2VAddonError(
+                f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip: "
+                "use Depth 'Estimate'"
+            )
         check_zpass_strip(scene, strip, zpass_render)
 
 
@@ -86,14 +93,18 @@ def check_zpass_strip(scene, strip, zpass_render: str) -> None:
     """Raise unless the Z pass of scene strip ``strip`` can be rendered frame for frame as it shows."""
     shown = strip.scene
     if getattr(strip, "scene_input", "CAMERA") != "CAMERA":
-        raise P2VAddonError(f"Depth 'Z pass' renders the scene of strip '{strip.name}' through its camera, but the "
-                            f"strip shows the Sequencer of '{shown.name}': set the strip's Input to Camera, or use Depth 'Estimate'")
+        raise P2VAddonError(
+            f"Depth 'Z pass' renders the scene of strip '{strip.name}' through its camera, but the "
+            f"strip shows the Sequencer of '{shown.name}': set the strip's Input to Camera, or use Depth 'Estimate'"
+        )
     framing = zpass_framing_problem(scene, strip)
     if framing is not None:
         raise P2VAddonError(framing)
     if zpass_view_layer(shown) is None:
-        raise P2VAddonError(f"Scene '{shown.name}' of strip '{strip.name}' has no view layer that renders "
-                            f"(every 'Use for Rendering' is off)")
+        raise P2VAddonError(
+            f"Scene '{shown.name}' of strip '{strip.name}' has no view layer that renders "
+            f"(every 'Use for Rendering' is off)"
+        )
     if zpass_render not in ZPASS_RENDERS:
         raise P2VAddonError(f"Unknown Z-pass render setting {zpass_render!r}; use one of {', '.join(ZPASS_RENDERS)}")
 
@@ -112,12 +123,17 @@ def zpass_framing_problem(scene, strip) -> str | None:
     seq_w, seq_h = scene.render.resolution_x, scene.render.resolution_y
     img_w, img_h = shown.render.resolution_x, shown.render.resolution_y
     scale_x, scale_y = transform.scale_x, transform.scale_y
-    fills = (abs(img_w * scale_x - seq_w) <= max(1.0, 0.005 * seq_w)
-             and abs(img_h * scale_y - seq_h) <= max(1.0, 0.005 * seq_h))
+    fills = abs(img_w * scale_x - seq_w) <= max(1.0, 0.005 * seq_w) and abs(img_h * scale_y - seq_h) <= max(
+        1.0, 0.005 * seq_h
+    )
     scaled = abs(scale_x - 1.0) > 1e-6 or abs(scale_y - 1.0) > 1e-6
     origin = tuple(getattr(transform, "origin", (0.5, 0.5)))
-    moved = (abs(transform.offset_x) > 0.5 or abs(transform.offset_y) > 0.5 or abs(transform.rotation) > 1e-6
-             or (scaled and max(abs(origin[0] - 0.5), abs(origin[1] - 0.5)) > 1e-6))
+    moved = (
+        abs(transform.offset_x) > 0.5
+        or abs(transform.offset_y) > 0.5
+        or abs(transform.rotation) > 1e-6
+        or (scaled and max(abs(origin[0] - 0.5), abs(origin[1] - 0.5)) > 1e-6)
+    )
     crop = strip.crop
     cropped = any(getattr(crop, side) for side in ("min_x", "max_x", "min_y", "max_y"))
     if fills and not moved and not cropped:
@@ -127,9 +143,11 @@ def zpass_framing_problem(scene, strip) -> str | None:
         how.append("moved or rotated")
     if cropped:
         how.append("cropped")
-    return (f"Depth 'Z pass' renders scene '{shown.name}' to fill the frame, but strip '{strip.name}' shows it "
-            f"{', '.join(how)} in the {seq_w}x{seq_h} Sequencer: give the scene the Sequencer's resolution (or scale "
-            f"the strip to fit), clear its offset, rotation and crop, or use Depth 'Estimate'")
+    return (
+        f"Depth 'Z pass' renders scene '{shown.name}' to fill the frame, but strip '{strip.name}' shows it "
+        f"{', '.join(how)} in the {seq_w}x{seq_h} Sequencer: give the scene the Sequencer's resolution (or scale "
+        f"the strip to fit), clear its offset, rotation and crop, or use Depth 'Estimate'"
+    )
 
 
 def zpass_view_layer(scene):
@@ -319,7 +337,9 @@ def load_pixels(path: str, size: tuple[int, int], what: str, data: bool = False)
         width, height = image.size
         channels = image.channels
         if (width, height) != tuple(size):
-            raise P2VAddonError(f"{what[:1].upper()}{what[1:]} rendered at {width}x{height}, expected {size[0]}x{size[1]}")
+            raise P2VAddonError(
+                f"{what[:1].upper()}{what[1:]} rendered at {width}x{height}, expected {size[0]}x{size[1]}"
+            )
         pixels = np.empty(width * height * channels, dtype=np.float32)
         image.pixels.foreach_get(pixels)
     finally:
@@ -394,8 +414,10 @@ class ZPassScene:
         tree.links.new(layers.outputs["Image"], compat.composite_input(tree))
         depth = compat.depth_output(layers)
         if depth is None:
-            raise P2VAddonError(f"The render engine of scene '{self.scene_name}' ({render.engine}) has no Z pass: "
-                                f"use Cycles, Eevee or Workbench, or Depth 'Estimate'")
+            raise P2VAddonError(
+                f"The render engine of scene '{self.scene_name}' ({render.engine}) has no Z pass: "
+                f"use Cycles, Eevee or Workbench, or Depth 'Estimate'"
+            )
         tree.links.new(depth, compat.float_file_output(tree, folder, "Depth"))
         shown_by = compat.all_strips(sequencer_copy.sequence_editor)[self.strip_name]
         shown_by.scene = copy
@@ -414,8 +436,10 @@ class ZPassScene:
 
         written = sorted(os.listdir(self.folder)) if os.path.isdir(self.folder) else []
         if len(written) != 1:
-            raise P2VAddonError(f"Blender wrote no Z pass for {what} (scene '{self.scene_name}', render engine "
-                                f"{self.copy.render.engine})")
+            raise P2VAddonError(
+                f"Blender wrote no Z pass for {what} (scene '{self.scene_name}', render engine "
+                f"{self.copy.render.engine})"
+            )
         z = load_pixels(os.path.join(self.folder, written[0]), size, f"the Z pass of {what}", data=True)[:, :, 0]
         z = np.ascontiguousarray(z, dtype=np.float32)
         if self.flip[0]:  # the Sequencer flipped the RGB; the File Output wrote the render as it is

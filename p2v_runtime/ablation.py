@@ -32,9 +32,9 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -73,7 +73,9 @@ def variants_named(spec: str | None) -> list[Variant]:
     wanted = [name.strip() for name in spec.split(",") if name.strip()]
     unknown = [name for name in wanted if name not in VARIANT_NAMES]
     if unknown or not wanted:
-        raise InputError(f"--variants: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(VARIANT_NAMES)}")
+        raise InputError(
+            f"--variants: unknown {', '.join(unknown) or '(empty)'}; choose from {', '.join(VARIANT_NAMES)}"
+        )
     return [v for v in VARIANTS if v.name in wanted]
 
 
@@ -115,7 +117,9 @@ def run_ablation(
         folder = out_dir / variant.name
         _clear_frames(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        log(f"variant {number}/{len(variants)}: {variant.name} (injection {variant.injection}, update {variant.update})")
+        log(
+            f"variant {number}/{len(variants)}: {variant.name} (injection {variant.injection}, update {variant.update})"
+        )
         stats = EditStats()
         progress = progress_for(variant) if progress_for else None
         try:
@@ -125,21 +129,31 @@ def run_ablation(
             if progress is not None and hasattr(progress, "close"):
                 progress.close()
         source_prompt = stats.source_prompt  # later variants reuse it: same cache keys, no captioner
-        scores = evaluate_clip(frames, open_frames(folder), settings.prompt, clip_model=clip_model,
-                               device=eval_device or settings.device, flow=flow)
-        rows.append({
-            "name": variant.name,
-            "injection": variant.injection,
-            "update": variant.update,
-            "description": variant.description,
-            "folder": variant.name,
-            "metrics": scores.summary(),
-            "per_frame": scores.per_frame,
-            "valid_fraction": scores.valid_fraction,
-            "stats": stats.to_dict(),
-        })
-        log(f"  {_metrics_line(scores.summary())}; {stats.seconds:.1f} s, "
-            f"{stats.inversion_cache_hits}/{stats.frames} inversion(s) from the cache")
+        scores = evaluate_clip(
+            frames,
+            open_frames(folder),
+            settings.prompt,
+            clip_model=clip_model,
+            device=eval_device or settings.device,
+            flow=flow,
+        )
+        rows.append(
+            {
+                "name": variant.name,
+                "injection": variant.injection,
+                "update": variant.update,
+                "description": variant.description,
+                "folder": variant.name,
+                "metrics": scores.summary(),
+                "per_frame": scores.per_frame,
+                "valid_fraction": scores.valid_fraction,
+                "stats": stats.to_dict(),
+            }
+        )
+        log(
+            f"  {_metrics_line(scores.summary())}; {stats.seconds:.1f} s, "
+            f"{stats.inversion_cache_hits}/{stats.frames} inversion(s) from the cache"
+        )
     report = {
         "input": getattr(frames, "description", "clip"),
         "frames": len(frames),
@@ -167,8 +181,10 @@ def _clear_frames(folder: Path) -> None:
 def _metrics_line(summary: dict) -> str:
     from .metrics import format_number
 
-    return (f"CLIP-Text {format_number(summary['clip_text'], 4)}, CLIP-Image {format_number(summary['clip_image'], 4)}, "
-            f"Pixel-MSE {format_number(summary['pixel_mse'], 2)}")
+    return (
+        f"CLIP-Text {format_number(summary['clip_text'], 4)}, CLIP-Image {format_number(summary['clip_image'], 4)}, "
+        f"Pixel-MSE {format_number(summary['pixel_mse'], 2)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +208,7 @@ def markdown_table(report: dict) -> str:
     lines = [
         f"# Ablation: {report['input']}",
         "",
-        f"Prompt: \"{report['prompt']}\"; source prompt: \"{report['source_prompt']}\"; "
+        f'Prompt: "{report["prompt"]}"; source prompt: "{report["source_prompt"]}"; '
         f"{report['frames']} frame(s) at {report['size'][0]}x{report['size'][1]}; "
         f"steps {report['settings']['steps']}, size {report['settings']['size']}; "
         f"CLIP {report['clip_model']}; flow {report['flow']}.",
@@ -233,8 +249,9 @@ def contact_sheet(frames, out_dir: Path, report: dict, columns: int = 6, cell_he
     font = _font(14)
     label_w = 12 + max(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font) for n in names)
     label_w, header_h, gap = int(label_w), 24, 2
-    sheet = Image.new("RGB", (label_w + len(indices) * (cell_w + gap), header_h + len(names) * (cell_h + gap)),
-                      (24, 24, 24))
+    sheet = Image.new(
+        "RGB", (label_w + len(indices) * (cell_w + gap), header_h + len(names) * (cell_h + gap)), (24, 24, 24)
+    )
     draw = ImageDraw.Draw(sheet)
     for column, index in enumerate(indices):
         draw.text((label_w + column * (cell_w + gap) + 4, 4), f"frame {index}", fill=(230, 230, 230), font=font)
@@ -271,12 +288,18 @@ def pixel_mse_plot(report: dict, path: Path) -> Path:
     for number, row in enumerate(report["variants"]):
         values = [np.nan if v is None else v for v in row["per_frame"]["pixel_mse"]]
         if values:
-            axes.plot(range(1, len(values) + 1), values, marker=markers[number % len(markers)], markersize=4,
-                      linewidth=1.2, label=row["name"])
+            axes.plot(
+                range(1, len(values) + 1),
+                values,
+                marker=markers[number % len(markers)],
+                markersize=4,
+                linewidth=1.2,
+                label=row["name"],
+            )
             plotted = True
     axes.set_xlabel("frame (compared with the previous frame warped onto it)")
     axes.set_ylabel("Pixel-MSE (0..255 values)")
-    axes.set_title(f"Pixel-MSE per frame: {Path(str(report['input'])).name}, \"{report['prompt']}\"", fontsize=10)
+    axes.set_title(f'Pixel-MSE per frame: {Path(str(report["input"])).name}, "{report["prompt"]}"', fontsize=10)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(True, alpha=0.3)
     if plotted:
@@ -296,13 +319,15 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("input", help="folder of frames or a video file")
     parser.add_argument("--out", required=True, help="folder for the variants' frames and the reports")
-    settings_module.add_arguments(parser, "cli", exclude=VARIANT_SETTINGS,
-                                  default_note="injection and update are set per variant")
+    settings_module.add_arguments(
+        parser, "cli", exclude=VARIANT_SETTINGS, default_note="injection and update are set per variant"
+    )
     for name in VARIANT_SETTINGS:  # taken only to be refused with a reason
         parser.add_argument(settings_module.flag(name), dest=name, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--depth", metavar="DIR", help="Z pass per frame (EXR or .npy) instead of estimated depth")
-    parser.add_argument("--variants", metavar="LIST",
-                        help=f"comma-separated subset of {','.join(VARIANT_NAMES)} (default: all)")
+    parser.add_argument(
+        "--variants", metavar="LIST", help=f"comma-separated subset of {','.join(VARIANT_NAMES)} (default: all)"
+    )
     parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help=f"id or folder (default {DEFAULT_CLIP_MODEL})")
     parser.add_argument("--flow", default=DEFAULT_FLOW, choices=FLOW_METHODS, help="optical flow for Pixel-MSE")
     parser.add_argument("--columns", type=int, default=6, help="frames shown per row of the contact sheet")
@@ -316,8 +341,10 @@ def ablate_main(args: argparse.Namespace) -> int:
 
     for name in VARIANT_SETTINGS:
         if getattr(args, name) is not None:
-            raise InputError(f"p2v ablate sets {settings_module.flag(name)} per variant; leave it out "
-                             "(choose variants with --variants)")
+            raise InputError(
+                f"p2v ablate sets {settings_module.flag(name)} per variant; leave it out "
+                "(choose variants with --variants)"
+            )
     settings = settings_module.from_arguments(args, "cli", exclude=VARIANT_SETTINGS)
     variants = variants_named(args.variants)
     if args.columns < 1:
@@ -329,8 +356,16 @@ def ablate_main(args: argparse.Namespace) -> int:
     progress_for = None if args.quiet else (lambda variant: ProgressBars(steps=settings.steps))
     try:
         report = run_ablation(
-            frames, settings, out_dir, variants=variants, depth=depth, clip_model=args.clip_model, flow=args.flow,
-            columns=args.columns, progress_for=progress_for, log=log,
+            frames,
+            settings,
+            out_dir,
+            variants=variants,
+            depth=depth,
+            clip_model=args.clip_model,
+            flow=args.flow,
+            columns=args.columns,
+            progress_for=progress_for,
+            log=log,
         )
     except KeyboardInterrupt:
         print(f"p2v: interrupted; finished variants are kept in {out_dir}", file=sys.stderr)
@@ -363,7 +398,9 @@ def _checked_output_dir(args: argparse.Namespace, variants: Sequence[Variant]) -
     out_dir = Path(args.out).expanduser().resolve()
     source = Path(args.input).expanduser().resolve()
     if out_dir == source or (source.is_dir() and source in out_dir.parents):
-        raise InputError(f"--out {args.out} is inside the input folder; choose another folder so the source stays intact")
+        raise InputError(
+            f"--out {args.out} is inside the input folder; choose another folder so the source stays intact"
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {args.out} exists and is not a folder")
     if args.depth and Path(args.depth).expanduser().resolve() == out_dir:
@@ -372,7 +409,8 @@ def _checked_output_dir(args: argparse.Namespace, variants: Sequence[Variant]) -
     earlier += [v.name for v in VARIANTS if (out_dir / v.name).is_dir() and existing_frames(out_dir / v.name)]
     if earlier and not args.overwrite:
         raise InputError(
-            f"--out {args.out} already holds an ablation ({', '.join(earlier[:4])}); pass --overwrite or choose another folder"
+            f"--out {args.out} already holds an ablation ({', '.join(earlier[:4])}); "
+            "pass --overwrite or choose another folder"
         )
     if args.overwrite:
         chosen = {v.name for v in variants}

@@ -15,7 +15,7 @@ for bit.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -133,7 +133,10 @@ def injection_installed(unet, layers: Sequence[str], bank: FeatureBank) -> Itera
     original = dict(unet.attn_processors)
     chosen = set(layers)
     unet.set_attn_processor(
-        {name: InjectingSelfAttention(name, bank) if name in chosen else processor for name, processor in original.items()}
+        {
+            name: InjectingSelfAttention(name, bank) if name in chosen else processor
+            for name, processor in original.items()
+        }
     )
     try:
         yield

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", help="folder or video to edit (default: a synthetic clip)")
     parser.add_argument("--frames", type=int, default=6, help="frames to edit")
@@ -22,9 +23,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--full-size-features", action="store_true",
-                        help="also measure feature-cache bytes of the full-size SD 2 depth UNet at 512x512 "
-                             "(random weights; about a minute on a CPU)")
+    parser.add_argument(
+        "--full-size-features",
+        action="store_true",
+        help="also measure feature-cache bytes of the full-size SD 2 depth UNet at 512x512 "
+        "(random weights; about a minute on a CPU)",
+    )
     parser.add_argument("--json", help="write the figures as JSON")
 
 
@@ -39,8 +43,14 @@ def bench_main(args: argparse.Namespace) -> int:
     model = args.model or str(_tiny_model(workdir))
     frames = _clip(args, workdir)
     settings = dict(
-        prompt="a red sports car", source_prompt="a car on a road", model=model, steps=args.steps,
-        size=args.size, device=args.device, dtype=args.dtype, cache_dir=str(workdir / "cache"),
+        prompt="a red sports car",
+        source_prompt="a car on a road",
+        model=model,
+        steps=args.steps,
+        size=args.size,
+        device=args.device,
+        dtype=args.dtype,
+        cache_dir=str(workdir / "cache"),
     )
     pipeline, _ = load_depth_pipeline(model, args.device, args.dtype)
     count = len(frames)
@@ -53,8 +63,14 @@ def bench_main(args: argparse.Namespace) -> int:
 
         def plain_edit(index: int):
             image = Image.fromarray(resize_rgb(frames.read(index), size))
-            pipeline.pipe(prompt=settings["prompt"], image=image, strength=1.0, num_inference_steps=args.steps,
-                          guidance_scale=7.5, output_type="np")
+            pipeline.pipe(
+                prompt=settings["prompt"],
+                image=image,
+                strength=1.0,
+                num_inference_steps=args.steps,
+                guidance_scale=7.5,
+                output_type="np",
+            )
 
         plain_edit(0)  # warm-up: first calls pay for allocations and kernel selection
         _sync(pipeline)

@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="p2v", description="Pix2Video video editing (ICCV 2023) runtime",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="p2v", description="Pix2Video video editing (ICCV 2023) runtime", allow_abbrev=False
+    )
     # No abbreviated options: --update would silently mean --update-delta once a setting is added.
     commands = parser.add_subparsers(title="commands", parser_class=_Parser)
 
@@ -62,9 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight models for tests")
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--full-size", action="store_true",
-                      help="instead write DIR/sd2-depth-full: SD 2 depth's full-size architecture with random "
-                           "weights in fp16 (about 2.6 GB), for GPU benchmarks")
+    tiny.add_argument(
+        "--full-size",
+        action="store_true",
+        help="instead write DIR/sd2-depth-full: SD 2 depth's full-size architecture with random "
+        "weights in fp16 (about 2.6 GB), for GPU benchmarks",
+    )
     tiny.set_defaults(handler=make_tiny_models_main)
 
     from . import bench
@@ -117,13 +121,30 @@ def edit_main(args: argparse.Namespace) -> int:
         if args.server:
             from .client import edit_on_server
 
-            results = edit_on_server(args.server, frames, settings, depth=depth, progress=progress, cancel=cancel,
-                                     stats=stats, depth_sink=depth_sink, warn=progress.warn)
+            results = edit_on_server(
+                args.server,
+                frames,
+                settings,
+                depth=depth,
+                progress=progress,
+                cancel=cancel,
+                stats=stats,
+                depth_sink=depth_sink,
+                warn=progress.warn,
+            )
         else:
             from .editor import edit_clip
 
-            results = edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats,
-                                depth_sink=depth_sink, warn=progress.warn)
+            results = edit_clip(
+                frames,
+                settings,
+                depth=depth,
+                progress=progress,
+                cancel=cancel,
+                stats=stats,
+                depth_sink=depth_sink,
+                warn=progress.warn,
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, rgb in results:
             write_frame(out_dir, index, rgb)
@@ -159,7 +180,9 @@ def _checked_output_dir(args: argparse.Namespace, frames) -> Path:
     out_dir = Path(args.out).expanduser().resolve()
     source = Path(args.input).expanduser().resolve()
     if out_dir == source:
-        raise InputError(f"--out {args.out} is the input folder; choose another folder so the source frames stay intact")
+        raise InputError(
+            f"--out {args.out} is the input folder; choose another folder so the source frames stay intact"
+        )
     for depth_dir in (args.depth, args.save_depth):
         if depth_dir and Path(depth_dir).expanduser().resolve() == out_dir:
             raise InputError(f"--out {args.out} is also a depth folder; choose another folder")

@@ -62,8 +62,16 @@ def token_from_env(token_file: str | None = None) -> str:
 class Client:
     """One connection to the runtime. Not for concurrent use, except :meth:`cancel` from any thread."""
 
-    def __init__(self, host: str, port: int, token: str, *, timeout: float = 30.0,
-                 connect_timeout: float = 10.0, name: str = "p2v-client"):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        *,
+        timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        name: str = "p2v-client",
+    ):
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -88,7 +96,7 @@ class Client:
         self.server_info = reply.header
 
     @classmethod
-    def connect(cls, address: str, token: str | None = None, **kwargs) -> "Client":
+    def connect(cls, address: str, token: str | None = None, **kwargs) -> Client:
         host, port = parse_address(address)
         return cls(host, port, token_from_env() if token is None else token, **kwargs)
 
@@ -96,7 +104,7 @@ class Client:
     def where(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -111,15 +119,22 @@ class Client:
         self._expect("pong", self.timeout)
         return time.perf_counter() - started
 
-    def submit(self, settings, frames: int, width: int, height: int, depth: bool = False,
-               send_depth: bool = False) -> dict:
+    def submit(
+        self, settings, frames: int, width: int, height: int, depth: bool = False, send_depth: bool = False
+    ) -> dict:
         """Announce a job; return the ``job_ok`` header (``window``: frames allowed in flight).
 
         ``send_depth`` asks for a ``depth_used`` message before each result: the depth that frame
         was edited with (what ``--save-depth`` writes).
         """
-        header = {"type": "job", "settings": settings_to_wire(settings), "frames": int(frames), "width": int(width),
-                  "height": int(height), "depth": bool(depth)}
+        header = {
+            "type": "job",
+            "settings": settings_to_wire(settings),
+            "frames": int(frames),
+            "width": int(width),
+            "height": int(height),
+            "depth": bool(depth),
+        }
         if send_depth:
             header["send_depth"] = True  # only when asked: older runtimes ignore the field anyway
         self._send(header)
@@ -161,18 +176,29 @@ class Client:
 
     # --- a whole job ---------------------------------------------------------------------------
 
-    def run_job(self, settings, frames, width: int, height: int, *, count: int | None = None,
-                depth=None, cancel: threading.Event | None = None, window: int | None = None,
-                send_depth: bool = False):
+    def run_job(
+        self,
+        settings,
+        frames,
+        width: int,
+        height: int,
+        *,
+        count: int | None = None,
+        depth=None,
+        cancel: threading.Event | None = None,
+        window: int | None = None,
+        send_depth: bool = False,
+    ):
         """Submit a job, stream its frames, and yield what comes back, ending with done/cancelled.
 
         ``frames`` (and ``depth``) are sequences of bytes-like objects or callables ``f(i)``
         returning one; at most ``window`` frames are sent ahead of the server's ``received``.
         Yields ``progress``, ``warning`` and ``result`` messages (payload: bytearray RGB), with
-        ``send_depth`` also ``depth_used`` (payload: HxW float32), then ``done`` or ``cancelled``. Setting ``cancel`` sends ``cancel`` and the iteration ends with the
-        ``cancelled`` message (or ``done`` if the job finished first). A job error raises
-        :class:`RemoteError` and leaves the connection ready for the next job; a lost connection
-        raises :class:`ConnectionLost` (results already yielded stay with the caller). Leaving
+        ``send_depth`` also ``depth_used`` (payload: HxW float32), then ``done`` or ``cancelled``.
+        Setting ``cancel`` sends ``cancel`` and the iteration ends with the ``cancelled`` message
+        (or ``done`` if the job finished first). A job error raises :class:`RemoteError` and leaves
+        the connection ready for the next job; a lost connection raises :class:`ConnectionLost`
+        (results already yielded stay with the caller). Leaving
         the iteration early, or an exception from ``frames``, closes the connection, which
         cancels the job on the server.
         """
@@ -233,8 +259,11 @@ class Client:
         try:
             if not P.wait_readable(self.sock, timeout):
                 return None
-            limit = max(self._job_width * self._job_height * 3, P.MAX_DEPTH_USED_BYTES) if self._job_width \
+            limit = (
+                max(self._job_width * self._job_height * 3, P.MAX_DEPTH_USED_BYTES)
+                if self._job_width
                 else P.MAX_PAYLOAD_BYTES
+            )
             head = P.read_head(self.sock, max_payload=limit)
             if head is None:
                 raise self._lost("the runtime closed the connection")
@@ -247,7 +276,10 @@ class Client:
                     if payload_len > P.MAX_DEPTH_USED_BYTES:
                         raise ProtocolError(P.E_BAD_SHAPE, f"depth_used of shape {header['shape']} is over the limit")
                 elif header["type"] != "result" or header["shape"] != [self._job_height, self._job_width, 3]:
-                    raise ProtocolError(P.E_BAD_SHAPE, f"result of shape {header.get('shape')} for a {self._job_width}x{self._job_height} job")
+                    raise ProtocolError(
+                        P.E_BAD_SHAPE,
+                        f"result of shape {header.get('shape')} for a {self._job_width}x{self._job_height} job",
+                    )
                 payload = P.recv_exact(self.sock, payload_len)
         except ConnectionLost:
             raise
@@ -271,7 +303,9 @@ class Client:
             left = deadline - time.monotonic()
             message = self.next_message(max(0.0, left))
             if message is None:
-                raise ConnectionLost(f"no {kind} from the runtime at {self.where} within {timeout:g} s", self.results_received)
+                raise ConnectionLost(
+                    f"no {kind} from the runtime at {self.where} within {timeout:g} s", self.results_received
+                )
             if message.type == kind:
                 return message
             if message.type in ("progress", "received", "pong", "warning"):
@@ -279,8 +313,10 @@ class Client:
             raise ProtocolError(P.E_UNEXPECTED, f"expected {kind} from the runtime, got {message.type}")
 
     def _lost(self, why: str) -> ConnectionLost:
-        return ConnectionLost(f"lost the connection to the runtime at {self.where} after {self.results_received} "
-                              f"result frame(s): {why}", self.results_received)
+        return ConnectionLost(
+            f"lost the connection to the runtime at {self.where} after {self.results_received} result frame(s): {why}",
+            self.results_received,
+        )
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -291,7 +327,9 @@ class Client:
         view = _as_bytes_view(data)
         expected = P.payload_size(header)
         if view.nbytes != expected:
-            raise ValueError(f"{kind} {index} has {view.nbytes} bytes; {width}x{height} {header['dtype']} needs {expected}")
+            raise ValueError(
+                f"{kind} {index} has {view.nbytes} bytes; {width}x{height} {header['dtype']} needs {expected}"
+            )
         with self._send_lock:
             if not self._cancel_sent:  # checked under the lock: never a frame after our cancel
                 self._send(header, view, locked=True)
@@ -345,9 +383,19 @@ def _as_bytes_view(data) -> memoryview:
 # --- front ends ---------------------------------------------------------------------------------
 
 
-def edit_on_server(address: str, frames: P.Frames, settings, *, depth: P.Frames | None = None, progress=None,
-                   cancel=None, stats: P.EditStats | None = None, token: str | None = None,
-                   warn=None, depth_sink=None) -> "RemoteEdit":
+def edit_on_server(
+    address: str,
+    frames: P.Frames,
+    settings,
+    *,
+    depth: P.Frames | None = None,
+    progress=None,
+    cancel=None,
+    stats: P.EditStats | None = None,
+    token: str | None = None,
+    warn=None,
+    depth_sink=None,
+) -> RemoteEdit:
     """``edit_clip`` run by a server: same arguments, iterates ``(index, image)`` in order.
 
     ``frames``/``depth`` are the :class:`protocol.Frames` objects ``edit_clip`` takes.
@@ -359,19 +407,41 @@ def edit_on_server(address: str, frames: P.Frames, settings, *, depth: P.Frames 
     token is ``token`` or ``$P2V_TOKEN``. Errors are raised as the matching ``P2VError`` when
     ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
     """
-    return RemoteEdit(address, frames, settings, depth=depth, progress=progress, cancel=cancel,
-                      stats=stats, token=token, warn=warn, depth_sink=depth_sink)
+    return RemoteEdit(
+        address,
+        frames,
+        settings,
+        depth=depth,
+        progress=progress,
+        cancel=cancel,
+        stats=stats,
+        token=token,
+        warn=warn,
+        depth_sink=depth_sink,
+    )
 
 
 class RemoteEdit:
     """The iterator :func:`edit_on_server` returns; ``.stats`` holds the server's stats when done."""
 
-    def __init__(self, address, frames, settings, *, depth=None, progress=None, cancel=None, stats=None,
-                 token=None, warn=None, depth_sink=None):
+    def __init__(
+        self,
+        address,
+        frames,
+        settings,
+        *,
+        depth=None,
+        progress=None,
+        cancel=None,
+        stats=None,
+        token=None,
+        warn=None,
+        depth_sink=None,
+    ):
         self.stats: P.EditStats = P.EditStats() if stats is None else stats
         self._iterator = self._run(address, frames, settings, depth, progress, cancel, token, warn, depth_sink)
 
-    def __iter__(self) -> "RemoteEdit":
+    def __iter__(self) -> RemoteEdit:
         return self
 
     def __next__(self):
@@ -403,9 +473,16 @@ class RemoteEdit:
             raise _as_p2v_error(exc) from None
         with client:
             try:
-                for message in client.run_job(settings, frame_bytes, width, height, count=count,
-                                              depth=None if depth is None else depth_bytes, cancel=cancel,
-                                              send_depth=depth_sink is not None):
+                for message in client.run_job(
+                    settings,
+                    frame_bytes,
+                    width,
+                    height,
+                    count=count,
+                    depth=None if depth is None else depth_bytes,
+                    cancel=cancel,
+                    send_depth=depth_sink is not None,
+                ):
                     if message.type == "progress":
                         if progress is not None:
                             progress(message["stage"], message["done"], message["total"])
@@ -450,7 +527,9 @@ def _as_p2v_error(exc: Exception) -> Exception:
     code = getattr(exc, "code", None)
     message = str(exc) if not isinstance(exc, ProtocolError) else exc.message
     cls = {
-        P.E_SETTINGS: SettingsError, P.E_INPUT: errors.InputError, P.E_MODEL_LOAD: errors.ModelLoadError,
+        P.E_SETTINGS: SettingsError,
+        P.E_INPUT: errors.InputError,
+        P.E_MODEL_LOAD: errors.ModelLoadError,
         P.E_GPU_OOM: errors.GpuOutOfMemory,
     }.get(code, errors.P2VError)
     if isinstance(exc, ValueError) and not isinstance(exc, ProtocolError):
@@ -475,7 +554,9 @@ def ping_main(args) -> int:
         print(f"p2v ping: cannot read --token-file: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
-        with Client(args.host, args.port, token, timeout=args.timeout, connect_timeout=args.timeout, name="p2v-ping") as client:
+        with Client(
+            args.host, args.port, token, timeout=args.timeout, connect_timeout=args.timeout, name="p2v-ping"
+        ) as client:
             seconds = client.ping()
             server = client.server_info.get("server", "p2v runtime")
     except RemoteError as exc:
@@ -485,5 +566,8 @@ def ping_main(args) -> int:
     except (ProtocolError, OSError) as exc:
         print(f"p2v ping: {args.host}:{args.port}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
         return 1
-    print(f"pong from {args.host}:{args.port} ({server}, protocol {P.PROTOCOL_VERSION}): round trip {seconds * 1000:.2f} ms")
+    print(
+        f"pong from {args.host}:{args.port} ({server}, protocol {P.PROTOCOL_VERSION}): "
+        f"round trip {seconds * 1000:.2f} ms"
+    )
     return 0

@@ -14,8 +14,8 @@ import contextlib
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -176,8 +176,9 @@ class _ClipEditor:
         )
         return clip, first, clip_depths
 
-    def _edit_frames(self, clip: ClipContext, first: np.ndarray, clip_depths: list | None
-                     ) -> Iterator[tuple[int, np.ndarray]]:
+    def _edit_frames(
+        self, clip: ClipContext, first: np.ndarray, clip_depths: list | None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """The frame loop. From one frame to the next carry only ``bank``, ``previous_x0``,
         ``self.frames_done`` and the unused rest of ``clip_depths``."""
         bank = FeatureBank(self.settings.injection)  # the anchor's and the previous frame's features
@@ -197,14 +198,16 @@ class _ClipEditor:
     def _work_frame(self, index: int, work_size: tuple[int, int]) -> np.ndarray:
         return resize_rgb(self.frames.read(index), work_size)
 
-    def _inverse_depth(self, pipeline: DepthPipeline, latent_hw: tuple[int, int], index: int,
-                       rgb: np.ndarray) -> np.ndarray:
+    def _inverse_depth(
+        self, pipeline: DepthPipeline, latent_hw: tuple[int, int], index: int, rgb: np.ndarray
+    ) -> np.ndarray:
         if self.depth_files is not None:
             return depth_conv.zpass_to_inverse_depth(self.depth_files.read(index), latent_hw, f"depth of frame {index}")
         return depth_conv.estimate_inverse_depth(pipeline, rgb, latent_hw)
 
-    def _clip_inverse_depths(self, pipeline: DepthPipeline, work_size: tuple[int, int],
-                             latent_hw: tuple[int, int]) -> list[np.ndarray]:
+    def _clip_inverse_depths(
+        self, pipeline: DepthPipeline, work_size: tuple[int, int], latent_hw: tuple[int, int]
+    ) -> list[np.ndarray]:
         """Every frame's inverse depth at latent size (small), for the clip's range and for later."""
         maps = []
         for index in range(self.count):
@@ -214,8 +217,7 @@ class _ClipEditor:
             self.report("depth", index + 1, self.count)
         return maps
 
-    def _model_depth(self, clip: ClipContext, index: int, rgb: np.ndarray, clip_depths: list | None
-                     ) -> torch.Tensor:
+    def _model_depth(self, clip: ClipContext, index: int, rgb: np.ndarray, clip_depths: list | None) -> torch.Tensor:
         """The (1, 1, h, w) depth the UNet sees, in [-1, 1]; also given to the depth sink."""
         if clip.depth_range is not None:
             inverse, (low, high) = clip_depths[index], clip.depth_range
@@ -282,8 +284,15 @@ class _ClipEditor:
 
     # -- the edit -----------------------------------------------------------------------------
 
-    def _denoise(self, clip: ClipContext, bank: FeatureBank, index: int, start: torch.Tensor,
-                 model_depth: torch.Tensor, previous_x0: list | None) -> tuple[torch.Tensor, list | None]:
+    def _denoise(
+        self,
+        clip: ClipContext,
+        bank: FeatureBank,
+        index: int,
+        start: torch.Tensor,
+        model_depth: torch.Tensor,
+        previous_x0: list | None,
+    ) -> tuple[torch.Tensor, list | None]:
         """Sample frame ``index`` from its inverted noise with injection and the guided update.
 
         Returns the clean latent and this frame's x0 predictions (None without the update), which

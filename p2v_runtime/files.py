@@ -13,8 +13,9 @@ import contextlib
 import errno
 import os
 import secrets
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
 
 @contextlib.contextmanager

@@ -23,9 +23,10 @@ import math
 import os
 import re
 import subprocess
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -117,7 +118,7 @@ class FrameSource:
     def close(self) -> None:
         """Release open readers; reading again reopens them."""
 
-    def __enter__(self) -> "FrameSource":
+    def __enter__(self) -> FrameSource:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -157,15 +158,19 @@ def open_frames(path, frame_range: str | None = None) -> FrameSource:
 class ImageFolderSource(FrameSource):
     """Frames from image files, in natural order."""
 
-    def __init__(self, folder: Path, frame_range: str | None = None, *, files: list[Path] | None = None,
-                 description: str | None = None):
+    def __init__(
+        self,
+        folder: Path,
+        frame_range: str | None = None,
+        *,
+        files: list[Path] | None = None,
+        description: str | None = None,
+    ):
         self.description = description or str(folder)
         if files is None:
             files = _image_files(folder)
             if not files:
-                raise InputError(
-                    f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})"
-                )
+                raise InputError(f"no images in {folder} (looked for {', '.join(IMAGE_EXTENSIONS)})")
         self._range = parse_frame_range(frame_range, len(files))
         self.files = [files[i] for i in self._range]
         self.size = _common_image_size(self.files)
@@ -194,10 +199,7 @@ def _image_files(folder: Path) -> list[Path]:
         entries = list(folder.iterdir())
     except OSError as exc:
         raise InputError(f"cannot list {folder}: {exc.strerror or exc}") from None
-    files = [
-        p for p in entries
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-    ]
+    files = [p for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()]
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
@@ -237,7 +239,7 @@ def _read_rgb(path: Path) -> np.ndarray:
         raise InputError(f"cannot read image {path}: {_reason(exc)}") from None
 
 
-def _rgb8(image: "PILImage.Image") -> np.ndarray:
+def _rgb8(image: PILImage.Image) -> np.ndarray:
     """Any Pillow image as HxWx3 uint8 RGB (16-bit and float scaled, alpha over black)."""
     mode = image.mode
     if mode == "RGB":
@@ -328,9 +330,7 @@ class VideoSource(FrameSource):
         import imageio_ffmpeg
 
         self.close()
-        reader = imageio_ffmpeg.read_frames(
-            str(self.path), pix_fmt="rgb24", output_params=list(_FFMPEG_VIDEO_ONLY)
-        )
+        reader = imageio_ffmpeg.read_frames(str(self.path), pix_fmt="rgb24", output_params=list(_FFMPEG_VIDEO_ONLY))
         try:
             meta = next(reader)
         except (OSError, RuntimeError, StopIteration) as exc:
@@ -347,8 +347,20 @@ def _count_video_frames(path: Path) -> int:
     import imageio_ffmpeg
 
     cmd = [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-hide_banner", "-v", "error", "-nostats",
-        "-i", str(path), *_FFMPEG_VIDEO_ONLY, "-f", "null", "-progress", "pipe:1", "-",
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-nostdin",
+        "-hide_banner",
+        "-v",
+        "error",
+        "-nostats",
+        "-i",
+        str(path),
+        *_FFMPEG_VIDEO_ONLY,
+        "-f",
+        "null",
+        "-progress",
+        "pipe:1",
+        "-",
     ]
     try:
         done = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False)
@@ -361,7 +373,7 @@ def _count_video_frames(path: Path) -> int:
         lines = [line.strip() for line in errors.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"ffmpeg exited with status {done.returncode}"
         if reason.startswith(str(path)):
-            reason = reason[len(str(path)):].lstrip(": ")
+            reason = reason[len(str(path)) :].lstrip(": ")
         raise InputError(f"cannot decode video {path}: {reason}")
     frames = None
     for line in done.stdout.decode(errors="replace").splitlines():
@@ -391,8 +403,9 @@ def write_frame(out_dir, index: int, rgb) -> Path:
     if index < 0:
         raise ValueError(f"frame index must be >= 0, got {index}")
     target = Path(out_dir) / f"{index:06d}.png"
-    return atomic_write(target, lambda file: Image.fromarray(np.ascontiguousarray(rgb)).save(
-        file, format="PNG", compress_level=4))
+    return atomic_write(
+        target, lambda file: Image.fromarray(np.ascontiguousarray(rgb)).save(file, format="PNG", compress_level=4)
+    )
 
 
 def existing_frames(out_dir) -> list[Path]:
@@ -416,7 +429,7 @@ def write_depth_png(path, depth01: np.ndarray) -> Path:
     return atomic_write(path, lambda file: Image.fromarray(grey).save(file, format="PNG"))
 
 
-def depth_png_writer(folder) -> "Callable[[int, np.ndarray], None]":
+def depth_png_writer(folder) -> Callable[[int, np.ndarray], None]:
     """A depth sink for ``edit_clip``: frame i's depth as ``folder/00000i.png`` (folder made now)."""
     folder = Path(folder)
     try:
@@ -430,8 +443,9 @@ def depth_png_writer(folder) -> "Callable[[int, np.ndarray], None]":
     return write
 
 
-def write_side_by_side_mp4(source: FrameSource, edited_dir, out_path, fps: float = 12.0,
-                           label: str | None = None) -> Path:
+def write_side_by_side_mp4(
+    source: FrameSource, edited_dir, out_path, fps: float = 12.0, label: str | None = None
+) -> Path:
     """An H.264 preview: source frame on the left, its edit on the right, for every edited frame.
 
     Edited frames are matched to source frames by their number and resized to the source
@@ -451,8 +465,15 @@ def write_side_by_side_mp4(source: FrameSource, edited_dir, out_path, fps: float
     out_path = Path(out_path)
     with replacing(out_path, suffix=".tmp.mp4") as temp:  # ffmpeg picks the container by extension
         writer = imageio_ffmpeg.write_frames(
-            str(temp), (out_w, out_h), fps=float(fps), codec="libx264", pix_fmt_in="rgb24",
-            pix_fmt_out="yuv420p", quality=None, macro_block_size=1, ffmpeg_log_level="error",
+            str(temp),
+            (out_w, out_h),
+            fps=float(fps),
+            codec="libx264",
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            quality=None,
+            macro_block_size=1,
+            ffmpeg_log_level="error",
             output_params=["-crf", "18", "-movflags", "+faststart"],
         )
         try:
@@ -461,7 +482,7 @@ def write_side_by_side_mp4(source: FrameSource, edited_dir, out_path, fps: float
                 index = int(FRAME_NAME.match(path.name).group(1))
                 canvas = np.zeros((out_h, out_w, 3), dtype=np.uint8)
                 canvas[:height, :width] = source.read(index)
-                canvas[:height, width:2 * width] = resize_rgb(_read_rgb(path), (width, height))
+                canvas[:height, width : 2 * width] = resize_rgb(_read_rgb(path), (width, height))
                 if label:
                     canvas = _draw_label(canvas, label, x=width)
                 writer.send(np.ascontiguousarray(canvas))

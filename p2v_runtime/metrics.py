@@ -39,8 +39,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -170,8 +171,9 @@ def warp(image: np.ndarray, flow: np.ndarray) -> np.ndarray:
 
     map_x, map_y = _sample_positions(flow)
     source = np.asarray(image, dtype=np.float32)
-    return cv2.remap(source, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT,
-                     borderValue=0)
+    return cv2.remap(
+        source, map_x, map_y, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
+    )
 
 
 def _sample_positions(flow: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,8 +203,9 @@ def consistent_mask(backward: np.ndarray, forward: np.ndarray) -> np.ndarray:
     return agree & inside_mask(backward)
 
 
-def warp_error(edited_prev: np.ndarray, edited_next: np.ndarray, backward: np.ndarray,
-               mask: np.ndarray | None = None) -> float | None:
+def warp_error(
+    edited_prev: np.ndarray, edited_next: np.ndarray, backward: np.ndarray, mask: np.ndarray | None = None
+) -> float | None:
     """Mean squared error (0..255 values, over channels and the masked pixels) of warped vs actual.
 
     ``backward`` is the source's flow from frame i+1 to frame i. None when no pixel is usable.
@@ -224,8 +227,13 @@ class PairError:
     valid_fraction: float
 
 
-def pair_pixel_mse(source_prev: np.ndarray, source_next: np.ndarray, edited_prev: np.ndarray,
-                   edited_next: np.ndarray, method: str = DEFAULT_FLOW) -> PairError:
+def pair_pixel_mse(
+    source_prev: np.ndarray,
+    source_next: np.ndarray,
+    edited_prev: np.ndarray,
+    edited_next: np.ndarray,
+    method: str = DEFAULT_FLOW,
+) -> PairError:
     """Pixel-MSE of one pair: source flow warps edited_prev onto edited_next, occlusions masked."""
     backward = optical_flow(source_next, source_prev, method)
     forward = optical_flow(source_prev, source_next, method)
@@ -236,8 +244,7 @@ def pair_pixel_mse(source_prev: np.ndarray, source_next: np.ndarray, edited_prev
 def pixel_mse(source: Sequence[np.ndarray], edited: Sequence[np.ndarray], method: str = DEFAULT_FLOW) -> float | None:
     """Pixel-MSE of a clip: the mean over consecutive pairs of :func:`pair_pixel_mse`."""
     errors = [
-        pair_pixel_mse(source[i], source[i + 1], edited[i], edited[i + 1], method).mse
-        for i in range(len(source) - 1)
+        pair_pixel_mse(source[i], source[i + 1], edited[i], edited[i + 1], method).mse for i in range(len(source) - 1)
     ]
     return _mean(errors)
 
@@ -387,8 +394,10 @@ def evaluate_clip(
     for index in range(count):
         source_frame, edited_frame = source.read(index), edited.read(index)
         if source_frame.shape != edited_frame.shape:
-            raise InputError(f"frame {index}: edited frame is {edited_frame.shape[1]}x{edited_frame.shape[0]}, "
-                             f"source frame is {source_frame.shape[1]}x{source_frame.shape[0]}")
+            raise InputError(
+                f"frame {index}: edited frame is {edited_frame.shape[1]}x{edited_frame.shape[0]}, "
+                f"source frame is {source_frame.shape[1]}x{source_frame.shape[0]}"
+            )
         pending.append(edited_frame)
         if len(pending) == _CLIP_BATCH:
             rows.append(image_embeddings(scorer, pending))
@@ -429,10 +438,13 @@ def format_number(value: float | None, digits: int) -> str:
 
 def format_table(metrics: ClipMetrics) -> str:
     """The small table ``p2v eval`` prints."""
-    kept = "" if metrics.valid_fraction is None else f", {metrics.valid_fraction:.0%} of pixels pass the occlusion check"
+    kept = (
+        "" if metrics.valid_fraction is None else f", {metrics.valid_fraction:.0%} of pixels pass the occlusion check"
+    )
     lines = [
         f"{'metric':<11} {'value':>10}   notes",
-        f"{'CLIP-Text':<11} {format_number(metrics.clip_text, 4):>10}   {metrics.clip_model}, {metrics.frames} frame(s)",
+        f"{'CLIP-Text':<11} {format_number(metrics.clip_text, 4):>10}   "
+        f"{metrics.clip_model}, {metrics.frames} frame(s)",
         f"{'CLIP-Image':<11} {format_number(metrics.clip_image, 4):>10}   consecutive frames",
         f"{'Pixel-MSE':<11} {format_number(metrics.pixel_mse, 2):>10}   flow {metrics.flow}{kept}",
     ]
@@ -450,8 +462,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--edited", required=True, help="the edited clip: folder of frames or a video file")
     parser.add_argument("--prompt", required=True, help="the edit prompt (for CLIP-Text)")
     parser.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL, help=f"id or folder (default {DEFAULT_CLIP_MODEL})")
-    parser.add_argument("--flow", default=DEFAULT_FLOW, choices=FLOW_METHODS,
-                        help="optical flow for Pixel-MSE: OpenCV dis (default) or farneback, or raft (torchvision)")
+    parser.add_argument(
+        "--flow",
+        default=DEFAULT_FLOW,
+        choices=FLOW_METHODS,
+        help="optical flow for Pixel-MSE: OpenCV dis (default) or farneback, or raft (torchvision)",
+    )
     parser.add_argument("--frames", metavar="A:B", help="compare with source frames A..B-1 (as given to p2v edit)")
     parser.add_argument("--device", default="auto", choices=choice_values("device"))
     parser.add_argument("--json", metavar="FILE", help="also write the metrics as JSON ('-': to stdout, no table)")
@@ -462,8 +478,7 @@ def eval_main(args: argparse.Namespace) -> int:
 
     source = open_frames(args.source, args.frames)
     edited = open_frames(args.edited)
-    metrics = evaluate_clip(source, edited, args.prompt, clip_model=args.clip_model, device=args.device,
-                            flow=args.flow)
+    metrics = evaluate_clip(source, edited, args.prompt, clip_model=args.clip_model, device=args.device, flow=args.flow)
     text = json.dumps(metrics.to_dict(), indent=2) + "\n"
     if args.json == "-":
         sys.stdout.write(text)

@@ -31,8 +31,9 @@ class ProgressBars:
         bar = self.bars.get(stage)
         if bar is None:
             unit = "step" if stage in ("inversion", "edit") else "it"
-            bar = tqdm(total=total, desc=f"{stage:>9}", unit=unit, file=sys.stderr, position=len(self.bars),
-                       dynamic_ncols=True)
+            bar = tqdm(
+                total=total, desc=f"{stage:>9}", unit=unit, file=sys.stderr, position=len(self.bars), dynamic_ncols=True
+            )
             self.bars[stage] = bar
         bar.n = done
         bar.refresh()

@@ -74,10 +74,31 @@ E_EDIT_FAILED = "edit_failed"
 E_INTERNAL = "internal"
 
 ERROR_CODES = (
-    E_BAD_MAGIC, E_VERSION, E_HEADER_TOO_LARGE, E_PAYLOAD_TOO_LARGE, E_BAD_HEADER, E_UNKNOWN_TYPE,
-    E_UNEXPECTED, E_BAD_LENGTH, E_BAD_SHAPE, E_LIMIT, E_ORDER, E_TRUNCATED, E_TIMEOUT,
-    E_NOT_AUTHENTICATED, E_AUTH, E_BUSY, E_TOO_MANY, E_SHUTTING_DOWN, E_DISK, E_SETTINGS, E_INPUT,
-    E_MODEL_LOAD, E_GPU_OOM, E_EDIT_FAILED, E_INTERNAL,
+    E_BAD_MAGIC,
+    E_VERSION,
+    E_HEADER_TOO_LARGE,
+    E_PAYLOAD_TOO_LARGE,
+    E_BAD_HEADER,
+    E_UNKNOWN_TYPE,
+    E_UNEXPECTED,
+    E_BAD_LENGTH,
+    E_BAD_SHAPE,
+    E_LIMIT,
+    E_ORDER,
+    E_TRUNCATED,
+    E_TIMEOUT,
+    E_NOT_AUTHENTICATED,
+    E_AUTH,
+    E_BUSY,
+    E_TOO_MANY,
+    E_SHUTTING_DOWN,
+    E_DISK,
+    E_SETTINGS,
+    E_INPUT,
+    E_MODEL_LOAD,
+    E_GPU_OOM,
+    E_EDIT_FAILED,
+    E_INTERNAL,
 )
 
 
@@ -169,10 +190,10 @@ class EditStats:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict) -> "EditStats":
+    def from_dict(cls, values: dict) -> EditStats:
         return cls().update(values)
 
-    def update(self, values: dict) -> "EditStats":
+    def update(self, values: dict) -> EditStats:
         """Take the values of the keys this class knows (a ``done`` message's stats); return self."""
         for field in dataclasses.fields(self):
             if field.name in values:
@@ -190,8 +211,12 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     # client -> server
     "hello": {"token": ("str", _REQ), "protocol": ("int", _REQ), "client": ("str", _OPT)},
     "job": {
-        "settings": ("obj", _REQ), "frames": ("int", _REQ), "width": ("int", _REQ),
-        "height": ("int", _REQ), "depth": ("bool", _REQ), "send_depth": ("bool", _OPT),
+        "settings": ("obj", _REQ),
+        "frames": ("int", _REQ),
+        "width": ("int", _REQ),
+        "height": ("int", _REQ),
+        "depth": ("bool", _REQ),
+        "send_depth": ("bool", _OPT),
     },
     "frame": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
     "depth": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
@@ -200,8 +225,11 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     "shutdown": {"token": ("str", _REQ)},
     # server -> client
     "hello_ok": {
-        "protocol": ("int", _REQ), "server": ("str", _REQ), "pid": ("int", _REQ),
-        "busy": ("bool", _REQ), "limits": ("obj", _OPT),
+        "protocol": ("int", _REQ),
+        "server": ("str", _REQ),
+        "pid": ("int", _REQ),
+        "busy": ("bool", _REQ),
+        "limits": ("obj", _OPT),
     },
     "job_ok": {"job": ("str", _REQ), "frames": ("int", _REQ), "window": ("int", _REQ)},
     "received": {"index": ("int", _REQ)},
@@ -218,8 +246,12 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
 CLIENT_TYPES = frozenset({"hello", "job", "frame", "depth", "cancel", "ping", "shutdown"})
 SERVER_TYPES = frozenset(SCHEMAS) - CLIENT_TYPES
 # Types that carry a payload, with their fixed element type and channel count (None: HxW).
-PAYLOAD_TYPES = {"frame": ("uint8", 3), "result": ("uint8", 3), "depth": ("float32", None),
-                 "depth_used": ("float32", None)}
+PAYLOAD_TYPES = {
+    "frame": ("uint8", 3),
+    "result": ("uint8", 3),
+    "depth": ("float32", None),
+    "depth_used": ("float32", None),
+}
 
 _INT_MAX = 2**63 - 1
 
@@ -251,7 +283,9 @@ def encode_head(header: dict, payload_len: int = 0) -> bytes:
     """Prefix plus JSON header for ``header``; the payload (if any) is sent after it as is."""
     data = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
     if len(data) > MAX_HEADER_BYTES:
-        raise ProtocolError(E_HEADER_TOO_LARGE, f"header of {len(data)} bytes is over the {MAX_HEADER_BYTES} byte limit")
+        raise ProtocolError(
+            E_HEADER_TOO_LARGE, f"header of {len(data)} bytes is over the {MAX_HEADER_BYTES} byte limit"
+        )
     return PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(data), payload_len) + data
 
 
@@ -280,7 +314,9 @@ def one_line(text: str) -> str:
 # --- decoding and validation -------------------------------------------------------------------
 
 
-def parse_prefix(data: bytes, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[int, int]:
+def parse_prefix(
+    data: bytes, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES
+) -> tuple[int, int]:
     """Check the fixed 16-byte prefix; return (header length, payload length)."""
     if len(data) != PREFIX_SIZE:
         raise ProtocolError(E_TRUNCATED, f"message prefix is {len(data)} bytes, expected {PREFIX_SIZE}")
@@ -288,7 +324,11 @@ def parse_prefix(data: bytes, *, max_header: int = MAX_HEADER_BYTES, max_payload
     if magic != MAGIC:
         raise ProtocolError(E_BAD_MAGIC, "not a p2v message (bad magic bytes)")
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(E_VERSION, f"peer speaks p2v protocol {version}, this side speaks {PROTOCOL_VERSION}: update the add-on or the runtime so they match")
+        raise ProtocolError(
+            E_VERSION,
+            f"peer speaks p2v protocol {version}, this side speaks {PROTOCOL_VERSION}: "
+            "update the add-on or the runtime so they match",
+        )
     if header_len == 0:
         raise ProtocolError(E_BAD_HEADER, "empty message header")
     if header_len > max_header:
@@ -342,7 +382,8 @@ def _check_field(kind: str, name: str, field_kind: str, value) -> None:
         ok = isinstance(value, dict)
     elif field_kind == "shape":
         ok = (
-            isinstance(value, list) and 2 <= len(value) <= 3
+            isinstance(value, list)
+            and 2 <= len(value) <= 3
             and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         )
     if not ok:
@@ -356,7 +397,10 @@ def _check_image_fields(kind: str, header: dict) -> None:
     shape = header["shape"]
     want = 2 if channels is None else 3
     if len(shape) != want or (channels is not None and shape[2] != channels):
-        raise ProtocolError(E_BAD_SHAPE, f"{kind} shape must be {'[height, width]' if channels is None else '[height, width, 3]'}, got {shape}")
+        raise ProtocolError(
+            E_BAD_SHAPE,
+            f"{kind} shape must be {'[height, width]' if channels is None else '[height, width, 3]'}, got {shape}",
+        )
     height, width = shape[0], shape[1]
     check_frame_size(width, height)
     if not 0 <= header["index"] < MAX_FRAMES:
@@ -385,11 +429,16 @@ def check_payload_length(header: dict, payload_len: int) -> int:
     """Raise ``bad_length`` unless the announced payload length is what the header implies."""
     expected = payload_size(header)
     if payload_len != expected:
-        raise ProtocolError(E_BAD_LENGTH, f"{header['type']} payload is announced as {payload_len} bytes, its shape and dtype need {expected}")
+        raise ProtocolError(
+            E_BAD_LENGTH,
+            f"{header['type']} payload is announced as {payload_len} bytes, its shape and dtype need {expected}",
+        )
     return expected
 
 
-def decode(data: bytes, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[Message, int]:
+def decode(
+    data: bytes, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES
+) -> tuple[Message, int]:
     """Decode the first whole message in ``data``; return it and the bytes it used.
 
     The in-memory twin of :func:`read_message` (tests, fuzzing, buffers). Raises
@@ -423,7 +472,7 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
     while got < total:
         try:
             n = sock.recv_into(view[got:], total - got)
-        except socket.timeout:
+        except TimeoutError:
             raise ProtocolError(E_TIMEOUT, f"peer stopped sending mid-message ({got} of {total} bytes)") from None
         if n == 0:
             raise ProtocolError(E_TRUNCATED, f"connection closed mid-message ({got} of {total} bytes)")
@@ -450,7 +499,9 @@ def wait_readable(sock: socket.socket, timeout: float | None) -> bool:
     return bool(readable)
 
 
-def read_head(sock: socket.socket, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES) -> tuple[dict, int, int] | None:
+def read_head(
+    sock: socket.socket, *, max_header: int = MAX_HEADER_BYTES, max_payload: int = MAX_PAYLOAD_BYTES
+) -> tuple[dict, int, int] | None:
     """Read prefix and header of the next message: (header, payload length, bytes read so far).
 
     None on a clean end of stream before the first byte. The payload is left on the socket so
@@ -461,7 +512,7 @@ def read_head(sock: socket.socket, *, max_header: int = MAX_HEADER_BYTES, max_pa
     view = memoryview(prefix)
     try:
         first = sock.recv_into(view, PREFIX_SIZE)
-    except socket.timeout:
+    except TimeoutError:
         raise ProtocolError(E_TIMEOUT, "peer sent nothing within the read timeout") from None
     if first == 0:
         return None
@@ -495,7 +546,7 @@ def send_all(sock: socket.socket, data) -> None:
         sock.sendall(view)
         return
     for start in range(0, len(view), SEND_CHUNK):
-        sock.sendall(view[start:start + SEND_CHUNK])
+        sock.sendall(view[start : start + SEND_CHUNK])
 
 
 def send_message(sock: socket.socket, header: dict, payload=None) -> int:

@@ -76,92 +76,188 @@ class EditSettings:
     """What one Pix2Video edit needs to know, with the paper's defaults."""
 
     prompt: str = setting("", Spec("Prompt", "what the clip should become"))
-    negative_prompt: str = setting("", Spec(
-        "Negative prompt", "what the edit should avoid (the paper uses none)", advanced=True))
-    source_prompt: str | None = setting(None, Spec(
-        "Source prompt", "describes the clip as it is; inversion is conditioned on it",
-        empty="a caption of the first frame"))
-    frames: str = setting("", Spec(
-        "Frames", "edit only frames A..B-1 of the clip or strip, counted from 0 (A:B, or A: to the end)",
-        wire=False, empty="all frames", metavar="A:B"))
+    negative_prompt: str = setting(
+        "", Spec("Negative prompt", "what the edit should avoid (the paper uses none)", advanced=True)
+    )
+    source_prompt: str | None = setting(
+        None,
+        Spec(
+            "Source prompt",
+            "describes the clip as it is; inversion is conditioned on it",
+            empty="a caption of the first frame",
+        ),
+    )
+    frames: str = setting(
+        "",
+        Spec(
+            "Frames",
+            "edit only frames A..B-1 of the clip or strip, counted from 0 (A:B, or A: to the end)",
+            wire=False,
+            empty="all frames",
+            metavar="A:B",
+        ),
+    )
     steps: int = setting(50, Spec("Steps", "DDIM steps of the inversion and of the edit", low=1, high=500))
-    guidance: float = setting(7.5, Spec("Guidance", "classifier-free guidance scale", low=0.0, high=100.0,
-                                        soft_high=20.0))
-    injection: str = setting("anchor+previous", Spec(
-        "Injection", "where the self-attention keys and values come from",
-        choices=_choices(
-            ("anchor+previous", "Anchor + previous", "the first and the previous frame (the paper)"),
-            ("anchor", "Anchor", "only the first frame"),
-            ("previous", "Previous", "only the previous frame"),
-            ("none", "None", "no injection: plain per-frame depth-to-image"),
-        )))
-    update: str = setting("x0", Spec(
-        "Update", "guided latent update towards the previous frame's prediction",
-        choices=_choices(
-            ("x0", "x0 (closed form)", "closed-form gradient of the distance, as the official code"),
-            ("autograd", "Autograd", "gradient through the UNet (a backward pass per step: slower)"),
-            ("off", "Off", "no guided update"),
-        )))
-    size: int = setting(512, Spec("Size", "long side of the working size in pixels", low=64, high=4096,
-                                  multiple_of=64))
-    layers: str = setting("decoder", Spec(
-        "Layers", "which self-attention layers take the injected features",
-        choices=_choices(
-            ("decoder", "Decoder", "the decoder's self-attention layers (the paper)"),
-            ("all", "All", "every self-attention layer"),
-        ), advanced=True))
-    update_delta: float = setting(100.0, Spec(
-        "Update strength", "step size of the guided update (the paper's delta, tuned at 512x512)",
-        low=0.0, high=1e7, soft_high=1000.0, advanced=True))
-    update_steps: int = setting(25, Spec(
-        "Update until", "last step index that gets the guided update, counted on 50 steps (scaled with the steps)",
-        low=0, high=1000, advanced=True))
-    depth_norm: str = setting("clip", Spec(
-        "Depth normalisation", "how depth is scaled to the model's range",
-        choices=_choices(
-            ("clip", "Clip", "over the whole clip: steady from frame to frame"),
-            ("frame", "Frame", "each frame on its own, as the official code (can flicker)"),
-        ), advanced=True))
-    depth: str = setting("estimate", Spec(
-        "Depth", "where the depth that conditions the edit comes from",
-        choices=_choices(
-            ("estimate", "Estimate", "estimated from each frame by the model's depth estimator"),
-            ("zpass", "Z pass", "a scene strip rendered with its Z pass: the scene's true depth"),
-        ), cli=False, wire=False))
-    zpass_render: str = setting("preview", Spec(
-        "Z-pass render", "how a scene strip is rendered for its Z pass (the user's scene is not changed)",
-        choices=_choices(
-            ("preview", "Quick preview", "the scene's engine with few samples (Cycles 8, Eevee 4)"),
-            ("scene", "As the scene is set", "the scene's own render settings (slower)"),
-        ), cli=False, wire=False, shown_when=("depth", "zpass")))
-    model: str = setting(DEFAULT_MODEL, Spec(
-        "Model", "depth-conditioned Stable Diffusion 2: hub id or folder on the runtime's machine",
-        blender=PREFERENCES, metavar="ID|DIR"))
-    captioner: str = setting(DEFAULT_CAPTIONER, Spec(
-        "Captioner", "BLIP captioning model: hub id or folder on the runtime's machine", blender=PREFERENCES,
-        metavar="ID|DIR"))
-    device: str = setting("auto", Spec(
-        "Device", "where the runtime computes",
-        choices=_choices(
-            ("auto", "Auto", "CUDA, else Apple MPS, else the CPU"),
-            ("cuda", "CUDA", "an NVIDIA GPU"),
-            ("mps", "MPS", "Apple silicon GPU"),
-            ("cpu", "CPU", "the processor (slow)"),
-        ), blender=PREFERENCES))
-    dtype: str = setting("auto", Spec(
-        "Precision", "number format of the model",
-        choices=_choices(
-            ("auto", "Auto", "fp16 on CUDA, fp32 elsewhere"),
-            ("fp16", "fp16", "half precision: half the memory"),
-            ("fp32", "fp32", "full precision"),
-        ), blender=PREFERENCES))
-    cache_dir: str | None = setting(None, Spec(
-        "Inversion cache", "folder for cached inversions on the runtime's machine", blender=PREFERENCES,
-        path="folder", empty="the runtime's user cache folder"))
+    guidance: float = setting(
+        7.5, Spec("Guidance", "classifier-free guidance scale", low=0.0, high=100.0, soft_high=20.0)
+    )
+    injection: str = setting(
+        "anchor+previous",
+        Spec(
+            "Injection",
+            "where the self-attention keys and values come from",
+            choices=_choices(
+                ("anchor+previous", "Anchor + previous", "the first and the previous frame (the paper)"),
+                ("anchor", "Anchor", "only the first frame"),
+                ("previous", "Previous", "only the previous frame"),
+                ("none", "None", "no injection: plain per-frame depth-to-image"),
+            ),
+        ),
+    )
+    update: str = setting(
+        "x0",
+        Spec(
+            "Update",
+            "guided latent update towards the previous frame's prediction",
+            choices=_choices(
+                ("x0", "x0 (closed form)", "closed-form gradient of the distance, as the official code"),
+                ("autograd", "Autograd", "gradient through the UNet (a backward pass per step: slower)"),
+                ("off", "Off", "no guided update"),
+            ),
+        ),
+    )
+    size: int = setting(512, Spec("Size", "long side of the working size in pixels", low=64, high=4096, multiple_of=64))
+    layers: str = setting(
+        "decoder",
+        Spec(
+            "Layers",
+            "which self-attention layers take the injected features",
+            choices=_choices(
+                ("decoder", "Decoder", "the decoder's self-attention layers (the paper)"),
+                ("all", "All", "every self-attention layer"),
+            ),
+            advanced=True,
+        ),
+    )
+    update_delta: float = setting(
+        100.0,
+        Spec(
+            "Update strength",
+            "step size of the guided update (the paper's delta, tuned at 512x512)",
+            low=0.0,
+            high=1e7,
+            soft_high=1000.0,
+            advanced=True,
+        ),
+    )
+    update_steps: int = setting(
+        25,
+        Spec(
+            "Update until",
+            "last step index that gets the guided update, counted on 50 steps (scaled with the steps)",
+            low=0,
+            high=1000,
+            advanced=True,
+        ),
+    )
+    depth_norm: str = setting(
+        "clip",
+        Spec(
+            "Depth normalisation",
+            "how depth is scaled to the model's range",
+            choices=_choices(
+                ("clip", "Clip", "over the whole clip: steady from frame to frame"),
+                ("frame", "Frame", "each frame on its own, as the official code (can flicker)"),
+            ),
+            advanced=True,
+        ),
+    )
+    depth: str = setting(
+        "estimate",
+        Spec(
+            "Depth",
+            "where the depth that conditions the edit comes from",
+            choices=_choices(
+                ("estimate", "Estimate", "estimated from each frame by the model's depth estimator"),
+                ("zpass", "Z pass", "a scene strip rendered with its Z pass: the scene's true depth"),
+            ),
+            cli=False,
+            wire=False,
+        ),
+    )
+    zpass_render: str = setting(
+        "preview",
+        Spec(
+            "Z-pass render",
+            "how a scene strip is rendered for its Z pass (the user's scene is not changed)",
+            choices=_choices(
+                ("preview", "Quick preview", "the scene's engine with few samples (Cycles 8, Eevee 4)"),
+                ("scene", "As the scene is set", "the scene's own render settings (slower)"),
+            ),
+            cli=False,
+            wire=False,
+            shown_when=("depth", "zpass"),
+        ),
+    )
+    model: str = setting(
+        DEFAULT_MODEL,
+        Spec(
+            "Model",
+            "depth-conditioned Stable Diffusion 2: hub id or folder on the runtime's machine",
+            blender=PREFERENCES,
+            metavar="ID|DIR",
+        ),
+    )
+    captioner: str = setting(
+        DEFAULT_CAPTIONER,
+        Spec(
+            "Captioner",
+            "BLIP captioning model: hub id or folder on the runtime's machine",
+            blender=PREFERENCES,
+            metavar="ID|DIR",
+        ),
+    )
+    device: str = setting(
+        "auto",
+        Spec(
+            "Device",
+            "where the runtime computes",
+            choices=_choices(
+                ("auto", "Auto", "CUDA, else Apple MPS, else the CPU"),
+                ("cuda", "CUDA", "an NVIDIA GPU"),
+                ("mps", "MPS", "Apple silicon GPU"),
+                ("cpu", "CPU", "the processor (slow)"),
+            ),
+            blender=PREFERENCES,
+        ),
+    )
+    dtype: str = setting(
+        "auto",
+        Spec(
+            "Precision",
+            "number format of the model",
+            choices=_choices(
+                ("auto", "Auto", "fp16 on CUDA, fp32 elsewhere"),
+                ("fp16", "fp16", "half precision: half the memory"),
+                ("fp32", "fp32", "full precision"),
+            ),
+            blender=PREFERENCES,
+        ),
+    )
+    cache_dir: str | None = setting(
+        None,
+        Spec(
+            "Inversion cache",
+            "folder for cached inversions on the runtime's machine",
+            blender=PREFERENCES,
+            path="folder",
+            empty="the runtime's user cache folder",
+        ),
+    )
 
     # -- validation ---------------------------------------------------------------------------
 
-    def validate(self) -> "EditSettings":
+    def validate(self) -> EditSettings:
         """Raise :class:`SettingsError` with a message a user can act on; return self."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -192,7 +288,7 @@ class EditSettings:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if spec_of(f).wire}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EditSettings":
+    def from_dict(cls, values: dict[str, Any]) -> EditSettings:
         """Build from key/values (a front end, a saved file); unknown keys are an error."""
         if not isinstance(values, dict):
             raise SettingsError(f"settings must be a mapping of names to values, got {type(values).__name__}")
@@ -203,12 +299,14 @@ class EditSettings:
         return cls(**values).validate()
 
     @classmethod
-    def from_wire(cls, values: Any) -> "EditSettings":
+    def from_wire(cls, values: Any) -> EditSettings:
         """Build from a job message: untrusted, and only the settings the runtime uses."""
         if isinstance(values, dict):
             local = sorted(str(f.name) for f in dataclasses.fields(cls) if not spec_of(f).wire and f.name in values)
             if local:
-                raise SettingsError(f"setting(s) {', '.join(local)} are applied by the front end, not sent to the runtime")
+                raise SettingsError(
+                    f"setting(s) {', '.join(local)} are applied by the front end, not sent to the runtime"
+                )
         return cls.from_dict(values)
 
 
@@ -263,7 +361,9 @@ def check_value(f: dataclasses.Field, value: Any) -> Any:
     if kind is float:
         value = float(value)
     if (spec.low is not None and value < spec.low) or (spec.high is not None and value > spec.high):
-        raise SettingsError(f"{what} must be between {_number(spec.low)} and {_number(spec.high)}, got {_number(value)}")
+        raise SettingsError(
+            f"{what} must be between {_number(spec.low)} and {_number(spec.high)}, got {_number(value)}"
+        )
     if spec.multiple_of and value % spec.multiple_of:
         raise SettingsError(f"{what} must be a multiple of {spec.multiple_of}, got {_number(value)}")
     return value
@@ -279,8 +379,10 @@ def parse_frame_range(text: str | None) -> tuple[int, int | None]:
         return 0, None
     match = re.fullmatch(r"\s*(\d*)\s*:\s*(\d*)\s*", text)
     if not match:
-        raise SettingsError(f"{describe('frames')} {text.strip()!r} is not a range: use START:END, counted from 0 "
-                            f"with END excluded, e.g. 0:24, 10: or :48")
+        raise SettingsError(
+            f"{describe('frames')} {text.strip()!r} is not a range: use START:END, counted from 0 "
+            f"with END excluded, e.g. 0:24, 10: or :48"
+        )
     start = int(match.group(1)) if match.group(1) else 0
     stop = int(match.group(2)) if match.group(2) else None
     if stop is not None and start >= stop:
@@ -295,8 +397,9 @@ def frame_range(text: str | None, count: int) -> range:
     except SettingsError as exc:
         raise SettingsError(f"{exc} (the clip has {count} frames)") from None
     if start >= count or (stop is not None and stop > count):
-        raise SettingsError(f"{describe('frames')} {text.strip()} goes past the clip: it has {count} frames "
-                            f"(0..{count - 1})")
+        raise SettingsError(
+            f"{describe('frames')} {text.strip()} goes past the clip: it has {count} frames (0..{count - 1})"
+        )
     return range(start, count if stop is None else stop)
 
 
@@ -347,8 +450,9 @@ def help_text(f: dataclasses.Field) -> str:
     return text.replace("%", "%%")
 
 
-def add_arguments(parser: argparse.ArgumentParser, front: str, exclude: tuple[str, ...] = (),
-                  default_note: str = "") -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser, front: str, exclude: tuple[str, ...] = (), default_note: str = ""
+) -> None:
     """One option per setting of ``front``; every default is None ("not given"), values stay text.
 
     Conversion and validation are the schema's (:func:`given_values`, :meth:`EditSettings.validate`),
@@ -357,8 +461,11 @@ def add_arguments(parser: argparse.ArgumentParser, front: str, exclude: tuple[st
     group = parser.add_argument_group("edit settings" + (f" ({default_note})" if default_note else ""))
     for f in fields_for(front, exclude):
         spec = spec_of(f)
-        metavar = spec.metavar or ("|".join(c.value for c in spec.choices) if spec.choices else (
-            "DIR" if spec.path else {str: "TEXT", int: "N", float: "X"}[kind_of(f)]))
+        metavar = spec.metavar or (
+            "|".join(c.value for c in spec.choices)
+            if spec.choices
+            else ("DIR" if spec.path else {str: "TEXT", int: "N", float: "X"}[kind_of(f)])
+        )
         group.add_argument(flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text(f))
 
 
@@ -372,8 +479,9 @@ def given_values(args: argparse.Namespace, front: str, exclude: tuple[str, ...] 
     return values
 
 
-def from_arguments(args: argparse.Namespace, front: str, exclude: tuple[str, ...] = (),
-                   base: dict[str, Any] | None = None) -> EditSettings:
+def from_arguments(
+    args: argparse.Namespace, front: str, exclude: tuple[str, ...] = (), base: dict[str, Any] | None = None
+) -> EditSettings:
     """Validated settings: ``base`` (e.g. a scene's saved values), then what the command line gave."""
     values = dict(base or {})
     values.update(given_values(args, front, exclude))

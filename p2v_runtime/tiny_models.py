@@ -31,20 +31,39 @@ __all__ = ["write_tiny_models", "write_full_size_sd2_depth", "sd2_depth_unet_con
 SD2_DEPTH_SIZES = {
     "tiny": dict(
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
-        unet=dict(sample_size=8, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4),
-                  norm_num_groups=8),
+        unet=dict(
+            sample_size=8, block_out_channels=(32, 32, 64, 64), attention_head_dim=(2, 2, 4, 4), norm_num_groups=8
+        ),
         vae=dict(sample_size=64, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4),
-        dpt=dict(image_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                 intermediate_size=64, neck_hidden_sizes=(8, 16, 32, 32), fusion_hidden_size=16),
+        dpt=dict(
+            image_size=64,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=64,
+            neck_hidden_sizes=(8, 16, 32, 32),
+            fusion_hidden_size=16,
+        ),
         depth_input=64,
     ),
     "full": dict(
         text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16),
-        unet=dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
-                  norm_num_groups=32),
+        unet=dict(
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=(5, 10, 20, 20),
+            norm_num_groups=32,
+        ),
         vae=dict(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
-        dpt=dict(image_size=384, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, neck_hidden_sizes=(96, 192, 384, 768), fusion_hidden_size=256),
+        dpt=dict(
+            image_size=384,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            neck_hidden_sizes=(96, 192, 384, 768),
+            fusion_hidden_size=256,
+        ),
         depth_input=384,
     ),
 }
@@ -100,7 +119,9 @@ def write_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, pathl
     written = {}
     with _quiet_libraries():
         for offset, (name, write) in enumerate(writers.items()):
-            written[name] = _write_atomically(root / name, lambda d: write(d, seed + offset))
+            written[name] = _write_atomically(
+                root / name, lambda d, write=write, offset=offset: write(d, seed + offset)
+            )
     return written
 
 
@@ -267,8 +288,14 @@ def _load_tokenizer(tokenizer_class, write, scratch_parent: pathlib.Path):
 
 def _replace_tokenizer_files(folder: pathlib.Path, write) -> None:
     """Swap what ``save_pretrained`` wrote for the hand-made files the real repositories ship."""
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                 "merges.txt", "vocab.txt"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "vocab.json",
+        "merges.txt",
+        "vocab.txt",
+    ):
         (folder / name).unlink(missing_ok=True)
     write(folder)
 
@@ -324,8 +351,14 @@ def _write_legacy_preprocessor_config(folder: pathlib.Path, image_processor: str
 def _write_sd2_depth(folder: pathlib.Path, seed: int, size: str = "tiny") -> None:
     """SD 2 depth's structure at toy width: what the edit hooks into must exist by the same names."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionDepth2ImgPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, DPTConfig, DPTForDepthEstimation
-    from transformers import DPTImageProcessor
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        DPTConfig,
+        DPTForDepthEstimation,
+        DPTImageProcessor,
+    )
 
     write_tokenizer = functools.partial(_write_clip_tokenizer, pad_token="!")  # SD 2 pads with "!"
     tokenizer = _load_tokenizer(CLIPTokenizer, write_tokenizer, folder)
@@ -395,9 +428,7 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int, size: str = "tiny") -> Non
     _replace_tokenizer_files(folder / "tokenizer", write_tokenizer)
     # Without torchvision the processor is the PIL variant; record the name that exists either way.
     _set_json(folder / "model_index.json", feature_extractor=["transformers", "DPTImageProcessor"])
-    _set_json(
-        folder / "feature_extractor" / "preprocessor_config.json", image_processor_type="DPTImageProcessor"
-    )
+    _set_json(folder / "feature_extractor" / "preprocessor_config.json", image_processor_type="DPTImageProcessor")
 
 
 def _smooth_noise_prediction(unet) -> None:
@@ -422,9 +453,7 @@ def _calibrate_latent_scale(vae) -> None:
     height = width = 64
     ramp_x = torch.linspace(-1, 1, width)[None, :].expand(height, width)
     ramp_y = torch.linspace(-1, 1, height)[:, None].expand(height, width)
-    images = torch.stack(
-        [torch.stack([ramp_x, ramp_y, -ramp_x]), torch.stack([ramp_y, -ramp_x, ramp_x * ramp_y])]
-    )
+    images = torch.stack([torch.stack([ramp_x, ramp_y, -ramp_x]), torch.stack([ramp_y, -ramp_x, ramp_x * ramp_y])])
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
@@ -449,8 +478,7 @@ def _keep_depth_varied(depth_estimator) -> None:
 
 def _write_blip(folder: pathlib.Path, seed: int) -> None:
     """BLIP captioning at toy width: generate() must run and decode to some string."""
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor
-    from transformers import BlipProcessor
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
 
     tokenizer = _load_tokenizer(BertTokenizer, _write_bert_tokenizer, folder)
 

@@ -81,10 +81,32 @@ def run_edit(clip: Path, length: int, model: Path, work: Path, size: int, steps:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     command = [
-        sys.executable, "-m", "p2v_runtime.cli", "edit", str(clip), "--frames", f"0:{length}",
-        "--out", str(work / f"out-{length}"), "--prompt", "a marble sculpture of a woman running",
-        "--source-prompt", "a woman running", "--model", str(model), "--size", str(size), "--steps", str(steps),
-        "--device", "cpu", "--quiet", "--stats", str(stats), "--cache-dir", str(work / f"cache-{length}"),
+        sys.executable,
+        "-m",
+        "p2v_runtime.cli",
+        "edit",
+        str(clip),
+        "--frames",
+        f"0:{length}",
+        "--out",
+        str(work / f"out-{length}"),
+        "--prompt",
+        "a marble sculpture of a woman running",
+        "--source-prompt",
+        "a woman running",
+        "--model",
+        str(model),
+        "--size",
+        str(size),
+        "--steps",
+        str(steps),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--stats",
+        str(stats),
+        "--cache-dir",
+        str(work / f"cache-{length}"),
     ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)

@@ -26,9 +26,14 @@ TARGET_FPS = 500.0
 def start_server(spool_dir: str | None = None) -> tuple[subprocess.Popen, dict]:
     env = dict(os.environ, P2V_TOKEN="")
     extra = ["--spool-dir", spool_dir] if spool_dir else []
-    proc = subprocess.Popen([sys.executable, "-m", "p2v_runtime.server", "--job-runner", "echo", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2v_runtime.server", "--job-runner", "echo", *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."),
+    )
     line = proc.stdout.readline()
     if not line:
         proc.kill()
@@ -74,10 +79,12 @@ def main() -> int:
     best = max(rates)
     median = sorted(rates)[len(rates) // 2]
     mb = args.size * args.size * 3 / 1e6
-    print(f"{args.size}x{args.size} RGB round trip through the socket (echo job, spooled to disk): "
-          f"median {median:.0f} frames/s, best {best:.0f} frames/s over {args.runs} runs of {args.frames} frames "
-          f"(runs: {', '.join(f'{r:.0f}' for r in rates)}; median {median * mb * 2:.0f} MB/s both ways); "
-          f"target {TARGET_FPS:.0f} frames/s: {'met' if median >= TARGET_FPS else 'NOT met'}")
+    print(
+        f"{args.size}x{args.size} RGB round trip through the socket (echo job, spooled to disk): "
+        f"median {median:.0f} frames/s, best {best:.0f} frames/s over {args.runs} runs of {args.frames} frames "
+        f"(runs: {', '.join(f'{r:.0f}' for r in rates)}; median {median * mb * 2:.0f} MB/s both ways); "
+        f"target {TARGET_FPS:.0f} frames/s: {'met' if median >= TARGET_FPS else 'NOT met'}"
+    )
     return 0
 
 

@@ -104,9 +104,9 @@ def render_side(out: Path, size: int, frames: int, samples: int) -> None:
             reader.close()
         rows.append({"label": label, "seconds": seconds, "engine": shot.render.engine})
 
-    timed(f"Z pass, quick preview (Cycles, 8 samples)", "zpass", "preview", keep=True)
+    timed("Z pass, quick preview (Cycles, 8 samples)", "zpass", "preview", keep=True)
     timed(f"Z pass, as the scene is set (Cycles, {samples} samples)", "zpass", "scene")
-    timed(f"RGB only via the Sequencer (Estimate), as set", "estimate", "preview")
+    timed("RGB only via the Sequencer (Estimate), as set", "estimate", "preview")
     for label, names in (("Workbench", ("BLENDER_WORKBENCH",)), ("Eevee", compat.EEVEE_ENGINES)):
         for name in names:
             try:
@@ -118,7 +118,7 @@ def render_side(out: Path, size: int, frames: int, samples: int) -> None:
             continue
         try:
             timed(f"Z pass, quick preview ({label}{', 4 samples' if label == 'Eevee' else ''})", "zpass", "preview")
-        except Exception as exc:  # no OpenGL here: Workbench and Eevee need it even in background
+        except Exception as exc:  # noqa: BLE001 - no OpenGL here: Workbench and Eevee need it even in background
             rows.append({"label": f"Z pass, {label}", "error": str(exc).splitlines()[0]})
         shot.render.engine = "CYCLES"
     (out / "render.json").write_text(json.dumps({"blender": bpy.app.version_string, "rows": rows}))
@@ -158,9 +158,15 @@ def edit_seconds(rgb, z, size: int, steps: int, device: str, cache: Path) -> flo
     from p2v_runtime.editor import edit_clip
     from p2v_runtime.settings import EditSettings
 
-    settings = EditSettings(prompt="a stone tower on a meadow", source_prompt="grey boxes on the ground",
-                            model=str(tiny_models()), device=device, steps=steps, size=size,
-                            cache_dir=str(cache)).validate()
+    settings = EditSettings(
+        prompt="a stone tower on a meadow",
+        source_prompt="grey boxes on the ground",
+        model=str(tiny_models()),
+        device=device,
+        steps=steps,
+        size=size,
+        cache_dir=str(cache),
+    ).validate()
     depth = None if z is None else _Arrays(z, "Z pass")
     began = time.perf_counter()
     for _ in edit_clip(_Arrays(rgb, "frames"), settings, depth=depth):
@@ -175,8 +181,11 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=64, help="the scene's Cycles samples (default 64)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps of the edit (default 20)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bpy-python", default=str(REPO / ".venv" / "bin" / "python"),
-                        help="a Python with the bpy module (default: .venv's, bpy 5.0.1)")
+    parser.add_argument(
+        "--bpy-python",
+        default=str(REPO / ".venv" / "bin" / "python"),
+        help="a Python with the bpy module (default: .venv's, bpy 5.0.1)",
+    )
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--render-only", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -189,9 +198,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="p2v-bench-zpass-"))
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     env.pop("PYTHONPATH", None)
-    done = subprocess.run([args.bpy_python, __file__, "--render-only", str(work), "--size", str(args.size),
-                           "--frames", str(args.frames), "--samples", str(args.samples)],
-                          capture_output=True, text=True, env=env)
+    done = subprocess.run(
+        [
+            args.bpy_python,
+            __file__,
+            "--render-only",
+            str(work),
+            "--size",
+            str(args.size),
+            "--frames",
+            str(args.frames),
+            "--samples",
+            str(args.samples),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if done.returncode != 0:
         print(done.stdout[-2000:], done.stderr[-2000:], file=sys.stderr)
         return 1
@@ -206,22 +229,42 @@ def main() -> int:
             continue
         seconds = row["seconds"]
         rows.append((row["label"], statistics.median(seconds[1:] or seconds), f"first frame {seconds[0]:.3f} s"))
-    rows.append((f"edit, tiny models, {args.steps} steps, Z-pass depth",
-                 edit_seconds(rgb, z, args.size, args.steps, args.device, work / "cache-z"), "inversion + edit"))
-    rows.append((f"edit, tiny models, {args.steps} steps, estimated depth",
-                 edit_seconds(rgb, None, args.size, args.steps, args.device, work / "cache-e"), "inversion + edit"))
+    rows.append(
+        (
+            f"edit, tiny models, {args.steps} steps, Z-pass depth",
+            edit_seconds(rgb, z, args.size, args.steps, args.device, work / "cache-z"),
+            "inversion + edit",
+        )
+    )
+    rows.append(
+        (
+            f"edit, tiny models, {args.steps} steps, estimated depth",
+            edit_seconds(rgb, None, args.size, args.steps, args.device, work / "cache-e"),
+            "inversion + edit",
+        )
+    )
     torch_threads = __import__("torch").get_num_threads()
-    print(f"bench_zpass: {args.size}x{args.size}, {args.frames} frames, Blender {render['blender']}, "
-          f"{os.cpu_count()} CPU cores, torch threads {torch_threads}, device {args.device}")
+    print(
+        f"bench_zpass: {args.size}x{args.size}, {args.frames} frames, Blender {render['blender']}, "
+        f"{os.cpu_count()} CPU cores, torch threads {torch_threads}, device {args.device}"
+    )
     width = max(len(label) for label, _, _ in rows)
     print(f"{'step':<{width}}  {'s/frame':>8}  note")
     for label, value, note in rows:
         shown = "-" if value is None else f"{value:8.3f}"
         print(f"{label:<{width}}  {shown:>8}  {note}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"size": args.size, "frames": args.frames, "blender": render["blender"],
-                                               "rows": [{"step": l, "seconds_per_frame": v, "note": n}
-                                                        for l, v, n in rows]}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "size": args.size,
+                    "frames": args.frames,
+                    "blender": render["blender"],
+                    "rows": [{"step": step, "seconds_per_frame": v, "note": n} for step, v, n in rows],
+                },
+                indent=1,
+            )
+        )
     return 0
 
 

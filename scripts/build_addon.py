@@ -7,10 +7,11 @@
 
 The settings schema, the protocol and the client have one source each, ``p2v_runtime/settings.py``,
 ``protocol.py`` and ``client.py`` (standard library only); the add-on runs in Blender's own Python,
-where ``p2v_runtime`` is not installed, so this script copies them byte for byte into ``blender_addon/_vendor/`` (git-ignored; tests call :func:`vendor` too and
-fail when a copy differs). The packages also carry a wheel of the runtime (pure Python, built here
-without network or build tools) that the add-on's "Set up runtime" button installs into the
-runtime's own virtual environment, never into Blender's Python.
+where ``p2v_runtime`` is not installed, so this script copies them byte for byte into
+``blender_addon/_vendor/`` (git-ignored; tests call :func:`vendor` too and fail when a copy
+differs). The packages also carry a wheel of the runtime (pure Python, built here without network
+or build tools) that the add-on's "Set up runtime" button installs into the runtime's own
+virtual environment, never into Blender's Python.
 
 Standard library only, any Python 3.11+.
 """
@@ -24,9 +25,10 @@ import io
 import os
 import re
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 ADDON_DIR = REPO / "blender_addon"
@@ -63,8 +65,11 @@ def vendor(addon_dir: Path = ADDON_DIR) -> list[Path]:
 def vendored_differences(addon_dir: Path = ADDON_DIR) -> list[str]:
     """Names of vendored files that are missing or differ from their source in p2v_runtime/."""
     target = addon_dir / "_vendor"
-    return [name for name in VENDORED
-            if not (target / name).exists() or (target / name).read_bytes() != (RUNTIME_DIR / name).read_bytes()]
+    return [
+        name
+        for name in VENDORED
+        if not (target / name).exists() or (target / name).read_bytes() != (RUNTIME_DIR / name).read_bytes()
+    ]
 
 
 def manifest() -> dict:
@@ -90,18 +95,23 @@ def runtime_wheel() -> tuple[str, bytes]:
     dist = re.sub(r"[-_.]+", "_", name)
     info = f"{dist}-{version}.dist-info"
     lines = [
-        "Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
-        f"Summary: {project.get('description', '')}", f"Requires-Python: {project.get('requires-python', '>=3.10')}",
+        "Metadata-Version: 2.1",
+        f"Name: {name}",
+        f"Version: {version}",
+        f"Summary: {project.get('description', '')}",
+        f"Requires-Python: {project.get('requires-python', '>=3.10')}",
     ]
     lines += [f"Requires-Dist: {req}" for req in project.get("dependencies", [])]
     for extra, reqs in sorted(project.get("optional-dependencies", {}).items()):
         lines.append(f"Provides-Extra: {extra}")
-        lines += [f"Requires-Dist: {req}; extra == \"{extra}\"" for req in reqs]
+        lines += [f'Requires-Dist: {req}; extra == "{extra}"' for req in reqs]
     files: dict[str, bytes] = {}
     for path in sorted(RUNTIME_DIR.rglob("*.py")):  # subpackages too (p2v_runtime/server/)
         files[f"p2v_runtime/{path.relative_to(RUNTIME_DIR).as_posix()}"] = path.read_bytes()
     files[f"{info}/METADATA"] = ("\n".join(lines) + "\n").encode("utf-8")
-    files[f"{info}/WHEEL"] = b"Wheel-Version: 1.0\nGenerator: p2v build_addon.py\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    files[f"{info}/WHEEL"] = (
+        b"Wheel-Version: 1.0\nGenerator: p2v build_addon.py\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+    )
     scripts = project.get("scripts", {})
     if scripts:
         entry = "[console_scripts]\n" + "".join(f"{key} = {value}\n" for key, value in scripts.items())

@@ -54,17 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--blend", help="the .blend to open (needed when run by plain Python with bpy)")
     parser.add_argument("--strip", required=True, help="name of the image, movie or scene strip to edit")
     parser.add_argument("--scene", help="scene that holds the strip (default: the file's current scene)")
-    schema.add_arguments(parser, "blender", default_note="default: the scene's Pix2Video settings, then the "
-                                                         "add-on preferences, then the values shown")
+    schema.add_arguments(
+        parser,
+        "blender",
+        default_note="default: the scene's Pix2Video settings, then the add-on preferences, then the values shown",
+    )
     parser.add_argument("--save", action="store_true", help="save the .blend with the new strip")
     parser.add_argument("--stats", metavar="FILE", help="write the edit's statistics as JSON")
-    parser.add_argument("--save-depth", metavar="DIR", help="write the depth each frame was edited with (16-bit PNG, "
-                                                          "the model's size, near = bright), also for --depth zpass")
+    parser.add_argument(
+        "--save-depth",
+        metavar="DIR",
+        help="write the depth each frame was edited with (16-bit PNG, "
+        "the model's size, near = bright), also for --depth zpass",
+    )
     parser.add_argument("--runtime-python", help="Python that has p2v_runtime (starts a local runtime)")
     parser.add_argument("--server", metavar="HOST:PORT", help="use a running `p2v serve` instead")
     parser.add_argument("--token-file", help="file with the --server token (default: $P2V_TOKEN)")
     parser.add_argument("--output-dir", help="where frames go when the .blend is not saved (default: the temp folder)")
-    parser.add_argument("--max-frames", type=int, default=0, help="refuse strips with more frames than this (0: no limit)")
+    parser.add_argument(
+        "--max-frames", type=int, default=0, help="refuse strips with more frames than this (0: no limit)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -72,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 def script_arguments(argv: list[str]) -> list[str]:
     """Arguments for this script: after ``--`` when Blender runs it, else all but the program name."""
     if "--" in argv:
-        return argv[argv.index("--") + 1:]
+        return argv[argv.index("--") + 1 :]
     return argv[1:]
 
 
@@ -117,8 +126,11 @@ def run(argv: list[str]) -> int:
     try:
         import bpy
     except ImportError as exc:
-        return fail(f"bpy is not importable ({exc}): run this with Blender (blender -b FILE --python "
-                    f"{os.path.basename(__file__)} -- ...) or with a Python that has the bpy module", EXIT_USAGE)
+        return fail(
+            f"bpy is not importable ({exc}): run this with Blender (blender -b FILE --python "
+            f"{os.path.basename(__file__)} -- ...) or with a Python that has the bpy module",
+            EXIT_USAGE,
+        )
     if args.blend:
         path = os.path.abspath(args.blend)
         if not os.path.isfile(path):
@@ -137,8 +149,10 @@ def run(argv: list[str]) -> int:
     if not enabled and not hasattr(bpy.types.Scene, "p2v"):
         addon.register()  # scene settings saved in the .blend become readable
         registered = True
-    modules = {name: importlib.import_module(f"{addon.__name__}.{name}")
-               for name in ("job", "errors", "compat", "preferences", "properties", "runtime_process")}
+    modules = {
+        name: importlib.import_module(f"{addon.__name__}.{name}")
+        for name in ("job", "errors", "compat", "preferences", "properties", "runtime_process")
+    }
     try:
         return _edit(args, given, bpy, modules, enabled)
     finally:
@@ -157,7 +171,9 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
     strip = compat.all_strips(editor).get(args.strip) if editor is not None else None
     if strip is None:
         names = ", ".join(sorted(s.name for s in compat.all_strips(editor))[:10]) if editor is not None else ""
-        return fail(f"scene '{scene.name}' has no strip named {args.strip!r}" + (f" (it has: {names})" if names else ""))
+        return fail(
+            f"scene '{scene.name}' has no strip named {args.strip!r}" + (f" (it has: {names})" if names else "")
+        )
 
     prefs = preferences.addon_preferences() if enabled else None
     properties = modules["properties"]
@@ -169,17 +185,28 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
         runtime = _runtime_config(args, prefs, preferences, runtime_process)
     except errors.P2VAddonError as exc:
         return fail(exc, EXIT_USAGE)
-    output_dir = args.output_dir or (bpy.path.abspath(prefs.output_dir) if prefs is not None and prefs.output_dir else "")
-    job = modules["job"].EditJob(scene, strip, settings, runtime, output_dir=output_dir,
-                                 max_frames=max(0, args.max_frames),
-                                 save_depth_dir=os.path.abspath(args.save_depth) if args.save_depth else "")
+    output_dir = args.output_dir or (
+        bpy.path.abspath(prefs.output_dir) if prefs is not None and prefs.output_dir else ""
+    )
+    job = modules["job"].EditJob(
+        scene,
+        strip,
+        settings,
+        runtime,
+        output_dir=output_dir,
+        max_frames=max(0, args.max_frames),
+        save_depth_dir=os.path.abspath(args.save_depth) if args.save_depth else "",
+    )
     try:
         job.start()
     except errors.P2VAddonError as exc:
         return fail(exc)
     with_depth = f", depth: Z pass ({settings.zpass_render})" if settings.depth == "zpass" else ""
-    say(f"editing {job.total} frame(s) of strip '{strip.name}' at {job.frames.width}x{job.frames.height} "
-        f"on {runtime.describe()}{with_depth}", args.quiet)
+    say(
+        f"editing {job.total} frame(s) of strip '{strip.name}' at {job.frames.width}x{job.frames.height} "
+        f"on {runtime.describe()}{with_depth}",
+        args.quiet,
+    )
 
     last = [None, 0.0]
 
@@ -219,7 +246,9 @@ def _runtime_config(args, prefs, preferences, runtime_process):
                 with open(args.token_file, encoding="utf-8") as handle:
                     token = handle.read().strip()
             except OSError as exc:
-                raise preferences_error(preferences, f"cannot read --token-file {args.token_file}: {exc.strerror or exc}")
+                raise preferences_error(
+                    preferences, f"cannot read --token-file {args.token_file}: {exc.strerror or exc}"
+                ) from None
         return runtime_process.RuntimeConfig(mode="REMOTE", host=host.strip("[]"), port=int(port), token=token)
     config = preferences.runtime_config(prefs)
     python = args.runtime_python or os.environ.get("P2V_RUNTIME_PYTHON", "") or config.python or sys.executable

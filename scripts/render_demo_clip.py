@@ -40,11 +40,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--frames", type=int, default=12, help="number of frames (default 12)")
     parser.add_argument("--size", type=int, default=256, help="width and height in pixels (default 256)")
     parser.add_argument("--samples", type=int, default=8, help="Cycles samples per pixel (default 8)")
-    parser.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=None,
-                        help="denoise with OpenImageDenoise (default: when this Blender has it; "
-                             "about 0.5 s a frame at 256x256 on 2 cores)")
-    parser.add_argument("--reuse", action="store_true",
-                        help="do nothing when OUT_DIR already holds this clip with the same parameters")
+    parser.add_argument(
+        "--denoise",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="denoise with OpenImageDenoise (default: when this Blender has it; "
+        "about 0.5 s a frame at 256x256 on 2 cores)",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="do nothing when OUT_DIR already holds this clip with the same parameters"
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.frames <= 10000:
         parser.error(f"--frames must be 1..10000, got {args.frames}")
@@ -59,7 +64,7 @@ def script_argv() -> list[str]:
     """Arguments after ``--`` under ``blender --python``; else the usual ones."""
     argv = sys.argv
     if "--" in argv:
-        return argv[argv.index("--") + 1:]
+        return argv[argv.index("--") + 1 :]
     return argv[1:]
 
 
@@ -83,8 +88,7 @@ def already_rendered(out_dir: Path, stamp: dict) -> bool:
     if {k: have.get(k) for k in stamp} != stamp:
         return False
     count = stamp["frames"]
-    return (len(_numbered(out_dir / "frames", ".png")) == count
-            and len(_numbered(out_dir / "depth", ".exr")) == count)
+    return len(_numbered(out_dir / "frames", ".png")) == count and len(_numbered(out_dir / "depth", ".exr")) == count
 
 
 def _numbered(folder: Path, suffix: str) -> list[Path]:
@@ -155,8 +159,7 @@ def build_scene(size: int, samples: int, denoise: bool):
         _add(scene, f"Lamp{side}", _box(0.06, 0.35, 0.15), lamp, location=(2.0, side * 0.6, 0.75))
     for x in (-1.3, 1.3):
         for y in (-0.95, 0.95):
-            wheel = _add(scene, f"Wheel{x:+}{y:+}", _cylinder(0.38, 0.3, 24), tyre,
-                         location=(x, y, 0.38), smooth=True)
+            wheel = _add(scene, f"Wheel{x:+}{y:+}", _cylinder(0.38, 0.3, 24), tyre, location=(x, y, 0.38), smooth=True)
             wheel.rotation_euler = (math.pi / 2, 0.0, 0.0)
     # A tree and two traffic cones give the background some depth.
     _add(scene, "TreeTrunk", _cylinder(0.18, 1.6, 12), trunk, location=(-3.5, 3.0, 0.8), smooth=True)
@@ -217,7 +220,8 @@ def _background(world, colour, strength) -> None:
     if node is None:
         node = tree.nodes.new("ShaderNodeBackground")
         output = next((n for n in tree.nodes if n.type == "OUTPUT_WORLD"), None) or tree.nodes.new(
-            "ShaderNodeOutputWorld")
+            "ShaderNodeOutputWorld"
+        )
         tree.links.new(node.outputs["Background"], output.inputs["Surface"])
     node.inputs["Color"].default_value = (*colour, 1.0)
     node.inputs["Strength"].default_value = strength
@@ -247,7 +251,7 @@ def _quiet_deprecation():
         yield
 
 
-def _mesh_from(name: str, build) -> "object":
+def _mesh_from(name: str, build) -> object:
     import bmesh
     import bpy
 
@@ -264,8 +268,9 @@ def _mesh_from(name: str, build) -> "object":
 def _plane(size: float):
     import bmesh
 
-    return lambda name: _mesh_from(name, lambda bm: bmesh.ops.create_grid(
-        bm, x_segments=1, y_segments=1, size=size / 2))
+    return lambda name: _mesh_from(
+        name, lambda bm: bmesh.ops.create_grid(bm, x_segments=1, y_segments=1, size=size / 2)
+    )
 
 
 def _box(x: float, y: float, z: float):
@@ -281,16 +286,26 @@ def _box(x: float, y: float, z: float):
 def _cylinder(radius: float, depth: float, segments: int, top: float | None = None):
     import bmesh
 
-    return lambda name: _mesh_from(name, lambda bm: bmesh.ops.create_cone(
-        bm, cap_ends=True, cap_tris=False, segments=segments, radius1=radius,
-        radius2=radius if top is None else top, depth=depth))
+    return lambda name: _mesh_from(
+        name,
+        lambda bm: bmesh.ops.create_cone(
+            bm,
+            cap_ends=True,
+            cap_tris=False,
+            segments=segments,
+            radius1=radius,
+            radius2=radius if top is None else top,
+            depth=depth,
+        ),
+    )
 
 
 def _sphere(radius: float):
     import bmesh
 
-    return lambda name: _mesh_from(name, lambda bm: bmesh.ops.create_uvsphere(
-        bm, u_segments=24, v_segments=12, radius=radius))
+    return lambda name: _mesh_from(
+        name, lambda bm: bmesh.ops.create_uvsphere(bm, u_segments=24, v_segments=12, radius=radius)
+    )
 
 
 def _add(scene, name: str, make_mesh, material, location=(0.0, 0.0, 0.0), smooth: bool = False):
@@ -323,7 +338,7 @@ class _Progress:
     def __init__(self):
         self._out = None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         sys.stdout.flush()
         self._saved = os.dup(1)
         self._out = os.fdopen(os.dup(self._saved), "w", buffering=1)
@@ -392,9 +407,9 @@ def check_clip(out_dir: Path, frames: int, size: int) -> str:
         sys.path.insert(0, str(REPO))
     try:
         import numpy as np
-        from p2v_runtime.frames import open_depth, open_frames
-
         import OpenEXR  # noqa: F401 - blender's own Python may lack it
+
+        from p2v_runtime.frames import open_depth, open_frames
     except ImportError as exc:
         return f"depth not checked ({exc.name} is not importable here)"
     clip = open_frames(out_dir / "frames")
@@ -412,8 +427,10 @@ def check_clip(out_dir: Path, frames: int, size: int) -> str:
         near.append(float(objects.min()))
         far.append(float(objects.max()))
         background.append(float(sky.mean()))
-    return (f"Z {min(near):.2f}..{max(far):.2f} on objects, "
-            f"background (Z=1e10) {min(background):.0%}..{max(background):.0%} of pixels")
+    return (
+        f"Z {min(near):.2f}..{max(far):.2f} on objects, "
+        f"background (Z=1e10) {min(background):.0%}..{max(background):.0%} of pixels"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,13 +448,18 @@ def _render(args: argparse.Namespace, out_dir: Path, stamp: dict, say) -> int:
     try:
         import bpy  # noqa: F401
     except ImportError:
-        print("render_demo_clip: error: bpy is not importable; install the project's blender extra "
-              "or run under blender -b --python", file=sys.stderr)
+        print(
+            "render_demo_clip: error: bpy is not importable; install the project's blender extra "
+            "or run under blender -b --python",
+            file=sys.stderr,
+        )
         return 1
     denoise = _has_oidn() if args.denoise is None else args.denoise  # _cycles is there once bpy is
     if denoise and not _has_oidn():
-        print("render_demo_clip: warning: this Blender has no OpenImageDenoise; rendering without denoising",
-              file=sys.stderr)
+        print(
+            "render_demo_clip: warning: this Blender has no OpenImageDenoise; rendering without denoising",
+            file=sys.stderr,
+        )
         denoise = False
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / STAMP).unlink(missing_ok=True)  # written again only once every frame is in place
@@ -446,9 +468,11 @@ def _render(args: argparse.Namespace, out_dir: Path, stamp: dict, say) -> int:
     summary = check_clip(out_dir, args.frames, args.size)
     record = {**stamp, "denoised": denoise, "blender": _blender_version()}
     (out_dir / STAMP).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    say(f"render_demo_clip: {args.frames} frames {args.size}x{args.size}"
+    say(
+        f"render_demo_clip: {args.frames} frames {args.size}x{args.size}"
         f"{' (denoised)' if denoise else ''} in {time.perf_counter() - started:.1f} s "
-        f"to {out_dir}; {summary}")
+        f"to {out_dir}; {summary}"
+    )
     return 0
 
 

@@ -12,6 +12,7 @@ read; an exception in a scenario is recorded, not fatal. No assertions here: the
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import importlib
 import json
@@ -23,10 +24,9 @@ import sys
 import time
 import traceback
 
-import faulthandler
-faulthandler.enable()
-
 import bpy
+
+faulthandler.enable()
 
 CONFIG: dict = {}
 ADDON = "bl_ext.user_default.pix2video"
@@ -129,7 +129,7 @@ def rna_dump(obj, depth: int = 0):
             continue
         try:
             value = getattr(obj, name)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a scenario records what went wrong
             out[name] = f"<{type(exc).__name__}>"
             continue
         if prop.type == "POINTER":
@@ -171,8 +171,9 @@ def files_hash(folder: str) -> str:
 def listing(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         return []
-    return sorted(os.path.relpath(os.path.join(root, name), folder)
-                  for root, _, names in os.walk(folder) for name in names)
+    return sorted(
+        os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder) for name in names
+    )
 
 
 def snapshot() -> dict:
@@ -218,11 +219,16 @@ def new_strip_info(job) -> dict:
         return {}
     directory = compat.abspath(strip.directory, bpy.data.scenes["Edit"])
     return {
-        "name": strip.name, "type": strip.type, "channel": strip.channel,
-        "frame_final_start": strip.frame_final_start, "frame_final_duration": strip.frame_final_duration,
-        "directory": strip.directory, "abs_directory": directory,
+        "name": strip.name,
+        "type": strip.type,
+        "channel": strip.channel,
+        "frame_final_start": strip.frame_final_start,
+        "frame_final_duration": strip.frame_final_duration,
+        "directory": strip.directory,
+        "abs_directory": directory,
         "elements": [e.filename for e in strip.elements],
-        "folder": output.folder, "files_on_disk": listing(output.folder),
+        "folder": output.folder,
+        "files_on_disk": listing(output.folder),
     }
 
 
@@ -230,17 +236,28 @@ def new_strip_info(job) -> dict:
 
 
 def settings(**overrides) -> dict:
-    values = dict(prompt="a red sports car", source_prompt="a grey car on a road", model=CONFIG["model"],
-                  captioner=CONFIG["captioner"], device="cpu", steps=2, size=64,
-                  cache_dir=os.path.join(CONFIG["work"], "inversions"))
+    values = dict(
+        prompt="a red sports car",
+        source_prompt="a grey car on a road",
+        model=CONFIG["model"],
+        captioner=CONFIG["captioner"],
+        device="cpu",
+        steps=2,
+        size=64,
+        cache_dir=os.path.join(CONFIG["work"], "inversions"),
+    )
     values.update(overrides)
     return values
 
 
 def runtime(**overrides):
     rp = mod("runtime_process")
-    values = dict(python=CONFIG["runtime_python"], log_dir=os.path.join(CONFIG["work"], "logs"),
-                  env={"OMP_NUM_THREADS": "1"}, idle_timeout=120.0)
+    values = dict(
+        python=CONFIG["runtime_python"],
+        log_dir=os.path.join(CONFIG["work"], "logs"),
+        env={"OMP_NUM_THREADS": "1"},
+        idle_timeout=120.0,
+    )
     values.update(overrides)
     return rp.RuntimeConfig(**values)
 
@@ -250,8 +267,16 @@ def edit_settings(values: dict, **job_values):
     return mod("_vendor.settings").EditSettings(**{**values, **job_values})
 
 
-def make_job(strip_name: str, settings_values=None, runtime_config=None, *, depth="estimate", zpass_render="preview",
-             frames="", **kwargs):
+def make_job(
+    strip_name: str,
+    settings_values=None,
+    runtime_config=None,
+    *,
+    depth="estimate",
+    zpass_render="preview",
+    frames="",
+    **kwargs,
+):
     job_module = mod("job")
     scene = bpy.data.scenes["Edit"]
     strip = mod("compat").all_strips(scene.sequence_editor).get(strip_name) if strip_name else None
@@ -270,8 +295,14 @@ def run_job(job, *, on_frame=None, timeout=240.0) -> dict:
             on_frame(current)
 
     state = job.wait(timeout=timeout, on_poll=watch)
-    return {"state": state, "message": job.message, "frames_done": job.frames_done, "total": job.total,
-            "seconds": round(time.monotonic() - started, 2), "stats_frames": job.stats.get("frames")}
+    return {
+        "state": state,
+        "message": job.message,
+        "frames_done": job.frames_done,
+        "total": job.total,
+        "seconds": round(time.monotonic() - started, 2),
+        "stats_frames": job.stats.get("frames"),
+    }
 
 
 def remove_new_strip(job) -> None:
@@ -292,6 +323,7 @@ def edit_scenario(strip_name: str, **job_kwargs):
         result["render_size"] = list(mod("compat").render_size(bpy.data.scenes["Edit"]))
         remove_new_strip(job)
         return result
+
     return scenario
 
 
@@ -304,18 +336,23 @@ def bad_input(strip_name, *, expect_type="P2VAddonError", setup=None, cleanup=No
             job = make_job(strip_name, **job_kwargs)
             try:
                 job.start()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a scenario records what went wrong
                 error = {"type": type(exc).__name__, "message": str(exc)}
                 result = {"error": error, "started": False}
             else:
-                result = {"started": True, "state": job.wait(timeout=120), "message": job.message,
-                          "frames_done": job.frames_done}
+                result = {
+                    "started": True,
+                    "state": job.wait(timeout=120),
+                    "message": job.message,
+                    "frames_done": job.frames_done,
+                }
             result["changes"] = changes(before, snapshot())
             result["running_job"] = mod("job").current_job() is not None
             return result
         finally:
             if cleanup is not None:
                 cleanup()
+
     return scenario
 
 
@@ -365,7 +402,7 @@ def scenario_second_edit():
         try:
             second.start()
             outcome = {"second_started": True}
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a scenario records what went wrong
             outcome = {"second_started": False, "type": type(exc).__name__, "message": str(exc)}
     finally:
         first.cancel()
@@ -418,14 +455,20 @@ def scenario_release():
     process.wait_ready()
     pid = process.pid
     released = rp.release()
-    return {"released": released, "pid_gone": process.proc.poll() is not None, "current": rp.current() is not None,
-            "pid": pid}
+    return {
+        "released": released,
+        "pid_gone": process.proc.poll() is not None,
+        "current": rp.current() is not None,
+        "pid": pid,
+    }
 
 
 def no_output_dir_setup():
     # The output folder cannot be made: a file stands where the p2v folder would go.
     blend_dir = os.path.dirname(bpy.data.filepath)
-    shutil.move(os.path.join(blend_dir, "p2v"), os.path.join(blend_dir, "p2v.moved")) if os.path.isdir(os.path.join(blend_dir, "p2v")) else None
+    shutil.move(os.path.join(blend_dir, "p2v"), os.path.join(blend_dir, "p2v.moved")) if os.path.isdir(
+        os.path.join(blend_dir, "p2v")
+    ) else None
     with open(os.path.join(blend_dir, "p2v"), "w") as handle:
         handle.write("not a folder\n")
 
@@ -448,12 +491,18 @@ def scenario_unsaved_file():
         scene.render.resolution_x, scene.render.resolution_y = 80, 48
         editor = scene.sequence_editor_create()
         strip = compat.strips(editor).new_image("still", os.path.join(CONFIG["media"], "imgs", "f000.png"), 1, 1)
-        job = mod("job").EditJob(scene, strip, edit_settings(settings()), runtime(serve_args=("--job-runner", "echo")),
-                                 output_dir=out_dir)
+        job = mod("job").EditJob(
+            scene, strip, edit_settings(settings()), runtime(serve_args=("--job-runner", "echo")), output_dir=out_dir
+        )
         result = run_job(job)
         new = job.output.strip()
-        result.update(filepath=bpy.data.filepath, folder=job.output.folder, out_dir=out_dir,
-                      directory=new.directory if new else None, files=listing(job.output.folder))
+        result.update(
+            filepath=bpy.data.filepath,
+            folder=job.output.folder,
+            out_dir=out_dir,
+            directory=new.directory if new else None,
+            files=listing(job.output.folder),
+        )
         return result
     finally:
         bpy.ops.wm.open_mainfile(filepath=path)
@@ -464,7 +513,7 @@ def scenario_unwritable_probe():
     try:
         output_strip.check_writable("/proc/p2v-test/out")
         return {"raised": False}
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - a scenario records what went wrong
         return {"raised": True, "type": type(exc).__name__, "message": str(exc)}
 
 
@@ -497,6 +546,7 @@ class Recorder:
             if name in ("row", "column", "box", "split", "grid_flow", "column_flow"):
                 return Recorder(self.log, self.depth + 1)
             return OperatorProps() if name == "operator" else None
+
         return call
 
     def __setattr__(self, name, value):
@@ -549,8 +599,13 @@ def scenario_panel_draw():
     fake.runtime_mode = "REMOTE"
     fake.layout = Recorder()
     prefs_mod.P2VPreferences.draw(fake, bpy.context)
-    return {"idle": idle, "advanced": advanced, "running": running, "preferences": local,
-            "preferences_remote": fake.layout.log}
+    return {
+        "idle": idle,
+        "advanced": advanced,
+        "running": running,
+        "preferences": local,
+        "preferences_remote": fake.layout.log,
+    }
 
 
 def scenario_schema_walk():
@@ -568,9 +623,14 @@ def scenario_schema_walk():
             continue
         holder = scene.p2v if spec.blender == schema.SCENE else prefs
         prop = holder.bl_rna.properties[f.name]
-        entry = {"scope": spec.blender, "value": getattr(holder, f.name), "label": prop.name,
-                 "items": [item.identifier for item in prop.enum_items] if prop.type == "ENUM" else None,
-                 "min": getattr(prop, "hard_min", None), "max": getattr(prop, "hard_max", None)}
+        entry = {
+            "scope": spec.blender,
+            "value": getattr(holder, f.name),
+            "label": prop.name,
+            "items": [item.identifier for item in prop.enum_items] if prop.type == "ENUM" else None,
+            "min": getattr(prop, "hard_min", None),
+            "max": getattr(prop, "hard_max", None),
+        }
         if f.name in CONFIG.get("bad_values", {}):
             bad = CONFIG["bad_values"][f.name]
             saved = getattr(holder, f.name)
@@ -635,8 +695,11 @@ def scenario_operator_run():
     result = bpy.ops.sequencer.p2v_edit()
     after = snapshot()
     new = [name for name in after["strips"] if name not in before["strips"]]
-    return {"result": sorted(result), "new": new,
-            "new_length": after["strips"][new[0]]["frame_final_duration"] if new else None}
+    return {
+        "result": sorted(result),
+        "new": new,
+        "new_length": after["strips"][new[0]]["frame_final_duration"] if new else None,
+    }
 
 
 class FakeEvent:
@@ -655,15 +718,24 @@ def scenario_modal_loop():
     editor.active_strip = compat.all_strips(editor)["mov"]
     scene.p2v.steps = 8
     reports = []
-    fake_cls = type("FakeOperator", (), {
-        "modal": op_cls.modal, "_status": op_cls._status, "_finished": op_cls._finished,
-        "report": lambda self, level, text: reports.append((sorted(level), text))})
+    fake_cls = type(
+        "FakeOperator",
+        (),
+        {
+            "modal": op_cls.modal,
+            "_status": op_cls._status,
+            "_finished": op_cls._finished,
+            "report": lambda self, level, text: reports.append((sorted(level), text)),
+        },
+    )
     fake = fake_cls()
     fake._timer = None
     fake._job = ops.build_job(bpy.context)
     fake._job.start(threaded=True)
-    answers = {"undo": sorted(fake.modal(bpy.context, FakeEvent("Z", "PRESS", ctrl=True))),
-               "other": sorted(fake.modal(bpy.context, FakeEvent("MOUSEMOVE")))}
+    answers = {
+        "undo": sorted(fake.modal(bpy.context, FakeEvent("Z", "PRESS", ctrl=True))),
+        "other": sorted(fake.modal(bpy.context, FakeEvent("MOUSEMOVE"))),
+    }
     cancelled = False
     ticks = 0
     while True:
@@ -679,8 +751,14 @@ def scenario_modal_loop():
     strip = fake._job.output.strip()
     length = strip.frame_final_duration if strip is not None else 0
     remove_new_strip(fake._job)
-    return {"answers": answers, "result": sorted(result), "reports": reports, "state": fake._job.state,
-            "length": length, "ticks": ticks}
+    return {
+        "answers": answers,
+        "result": sorted(result),
+        "reports": reports,
+        "state": fake._job.state,
+        "length": length,
+        "ticks": ticks,
+    }
 
 
 def scenario_operator_in_override():
@@ -698,17 +776,25 @@ def scenario_operator_in_override():
     new = [name for name in after["strips"] if name not in before["strips"]]
     for name in new:
         compat.strips(editor).remove(compat.all_strips(editor)[name])
-    return {"results": results, "new": new,
-            "lengths": [after["strips"][name]["frame_final_duration"] for name in new]}
+    return {"results": results, "new": new, "lengths": [after["strips"][name]["frame_final_duration"] for name in new]}
 
 
 def scenario_register_twice():
     import addon_utils
 
     def leftovers():
-        names = ("SEQUENCER_OT_p2v_edit", "SEQUENCER_OT_p2v_cancel", "P2V_OT_setup_runtime", "P2V_OT_check_runtime",
-                 "P2V_OT_release_runtime", "P2V_OT_cancel_setup", "SEQUENCER_PT_p2v", "SEQUENCER_PT_p2v_advanced",
-                 "P2VSceneSettings", "P2VPreferences")
+        names = (
+            "SEQUENCER_OT_p2v_edit",
+            "SEQUENCER_OT_p2v_cancel",
+            "P2V_OT_setup_runtime",
+            "P2V_OT_check_runtime",
+            "P2V_OT_release_runtime",
+            "P2V_OT_cancel_setup",
+            "SEQUENCER_PT_p2v",
+            "SEQUENCER_PT_p2v_advanced",
+            "P2VSceneSettings",
+            "P2VPreferences",
+        )
         found = [name for name in names if hasattr(bpy.types, name)]
         if hasattr(bpy.types.Scene, "p2v"):
             found.append("Scene.p2v")
@@ -720,10 +806,17 @@ def scenario_register_twice():
     rounds = []
     for _ in range(2):
         addon_utils.disable(ADDON)
-        rounds.append({"after_disable": leftovers(), "runtime": rp.current() is not None,
-                       "enabled": ADDON in bpy.context.preferences.addons})
+        rounds.append(
+            {
+                "after_disable": leftovers(),
+                "runtime": rp.current() is not None,
+                "enabled": ADDON in bpy.context.preferences.addons,
+            }
+        )
         addon_utils.enable(ADDON, default_set=True)
-        rounds.append({"after_enable": sorted(set(("SEQUENCER_OT_p2v_edit", "SEQUENCER_PT_p2v", "Scene.p2v")) - set(leftovers()))})
+        rounds.append(
+            {"after_enable": sorted(set(("SEQUENCER_OT_p2v_edit", "SEQUENCER_PT_p2v", "Scene.p2v")) - set(leftovers()))}
+        )
     M.clear()
     pid_alive = True
     try:
@@ -735,10 +828,14 @@ def scenario_register_twice():
 
 def scenario_setup_fails_cleanly():
     """Set up runtime with a package that does not exist: a clear failure, and the log says why."""
-    rp = mod("runtime_process")
     venv = os.path.join(CONFIG["work"], "setup-venv")
-    task = mod("runtime_setup").SetupTask(CONFIG["base_python"], venv, [os.path.join(CONFIG["work"], "missing.whl")],
-                        pip_args=["--no-index"], log_path=os.path.join(CONFIG["work"], "setup.log"))
+    task = mod("runtime_setup").SetupTask(
+        CONFIG["base_python"],
+        venv,
+        [os.path.join(CONFIG["work"], "missing.whl")],
+        pip_args=["--no-index"],
+        log_path=os.path.join(CONFIG["work"], "setup.log"),
+    )
     task.start()
     task.join(300)
     return {"state": task.state, "message": task.message, "step": task.step, "venv": os.path.isdir(venv)}
@@ -753,7 +850,6 @@ def scenario_check_runtime():
 
 
 # --- the Z pass of scene strips (tests/test_zpass_addon.py) --------------------------------------
-
 
 
 def _mesh_object(scene, name, verts, faces, location=(0.0, 0.0, 0.0)):
@@ -911,11 +1007,16 @@ def _scene_settings(scene) -> dict:
         "camera": scene.camera.name if scene.camera else None,
         "world": scene.world.name if scene.world else None,
         "markers": [(m.name, m.frame, m.camera.name if m.camera else None) for m in scene.timeline_markers],
-        "tree": None if tree is None else {
+        "tree": None
+        if tree is None
+        else {
             "name": tree.name,
             "nodes": sorted((n.name, n.bl_idname) for n in tree.nodes),
-            "links": sorted((l.from_node.name, l.from_socket.identifier, l.to_node.name, l.to_socket.identifier)
-                            for l in tree.links)},
+            "links": sorted(
+                (link.from_node.name, link.from_socket.identifier, link.to_node.name, link.to_socket.identifier)
+                for link in tree.links
+            ),
+        },
         "objects": {obj.name: [list(obj.location), list(obj.matrix_world.translation)] for obj in scene.objects},
     }
     for name in ("cycles", "eevee"):
@@ -940,8 +1041,19 @@ def _without_users(value):
 
 def _data_names() -> dict:
     names = {}
-    for collection in ("scenes", "node_groups", "images", "objects", "cameras", "meshes", "materials", "worlds",
-                       "collections", "lights", "actions"):
+    for collection in (
+        "scenes",
+        "node_groups",
+        "images",
+        "objects",
+        "cameras",
+        "meshes",
+        "materials",
+        "worlds",
+        "collections",
+        "lights",
+        "actions",
+    ):
         names[collection] = sorted(item.name for item in getattr(bpy.data, collection))
     return names
 
@@ -979,8 +1091,13 @@ def zpass_edit(strip_name: str, runtime_config=None, zpass_render="preview", **s
     def scenario():
         zpass_setup()
         before, state_before = snapshot(), _zpass_state()
-        job = make_job(strip_name, settings(**setting_overrides), runtime_config or runtime(), depth="zpass",
-                       zpass_render=zpass_render)
+        job = make_job(
+            strip_name,
+            settings(**setting_overrides),
+            runtime_config or runtime(),
+            depth="zpass",
+            zpass_render=zpass_render,
+        )
         result = run_job(job)
         result["depth_source"] = job.stats.get("depth_source")  # "file": the runtime edited with the depth sent
         result["new"] = new_strip_info(job)
@@ -989,11 +1106,13 @@ def zpass_edit(strip_name: str, runtime_config=None, zpass_render="preview", **s
         result["settings_changes"] = _state_changes(state_before, _zpass_state())
         result["warnings"] = job.warnings
         return result
+
     return scenario
 
 
 def zpass_bad(strip_name: str, patch=None, **job_kwargs):
     """A Z-pass edit that must be refused or fail with a clear report and change nothing."""
+
     def scenario():
         zpass_setup()
         state_before = _zpass_state()
@@ -1005,11 +1124,13 @@ def zpass_bad(strip_name: str, patch=None, **job_kwargs):
                 undo()
         result["settings_changes"] = _state_changes(state_before, _zpass_state())
         return result
+
     return scenario
 
 
 def _inject(kind: str, at_call: int = 1):
     """Make the add-on read a Z pass with NaN (or -inf) pixels from the ``at_call``-th render on."""
+
     def patch():
         strip_frames = mod("strip_frames")
         original = strip_frames.load_pixels
@@ -1026,6 +1147,7 @@ def _inject(kind: str, at_call: int = 1):
 
         strip_frames.load_pixels = load_pixels
         return lambda: setattr(strip_frames, "load_pixels", original)
+
     return patch
 
 
@@ -1071,11 +1193,15 @@ class _RenderLog:
         self._scenes.append(scene.name)
         if scene.name.startswith(self.prefix):
             cycles, eevee = getattr(scene, "cycles", None), getattr(scene, "eevee", None)
-            self.renders.append({"engine": scene.render.engine,
-                                 "cycles_samples": getattr(cycles, "samples", None),
-                                 "cycles_denoising": getattr(cycles, "use_denoising", None),
-                                 "eevee_samples": getattr(eevee, "taa_render_samples", None),
-                                 "rendered_samples": None})
+            self.renders.append(
+                {
+                    "engine": scene.render.engine,
+                    "cycles_samples": getattr(cycles, "samples", None),
+                    "cycles_denoising": getattr(cycles, "use_denoising", None),
+                    "eevee_samples": getattr(eevee, "taa_render_samples", None),
+                    "rendered_samples": None,
+                }
+            )
 
     def _stats(self, text, *args):
         import re
@@ -1089,7 +1215,7 @@ class _RenderLog:
         if self._scenes:
             self._scenes.pop()
 
-    def start(self) -> "_RenderLog":
+    def start(self) -> _RenderLog:
         bpy.app.handlers.render_pre.append(self._pre)
         bpy.app.handlers.render_stats.append(self._stats)
         bpy.app.handlers.render_post.append(self._post)
@@ -1126,11 +1252,15 @@ def scenario_zpass_frames():
                 rgb = frames.read(index)
                 z = frames.read_depth(index)
                 times.append(time.perf_counter() - began)
-                np.save(os.path.join(out["folder"], f"{label}_rgb_{index}.npy"),
-                        np.frombuffer(rgb, np.uint8).reshape(frames.height, frames.width, 3))
+                np.save(
+                    os.path.join(out["folder"], f"{label}_rgb_{index}.npy"),
+                    np.frombuffer(rgb, np.uint8).reshape(frames.height, frames.width, 3),
+                )
                 if z is not None:
-                    np.save(os.path.join(out["folder"], f"{label}_z_{index}.npy"),
-                            np.frombuffer(z, "<f4").reshape(frames.height, frames.width))
+                    np.save(
+                        os.path.join(out["folder"], f"{label}_z_{index}.npy"),
+                        np.frombuffer(z, "<f4").reshape(frames.height, frames.width),
+                    )
         finally:
             log.stop()
             frames.close()
@@ -1185,8 +1315,11 @@ def scenario_zpass_problems():
     out = {}
     for name, values in cases.items():
         z, problem = strip_frames.zpass_problem(np.array(values, dtype=np.float32), 100.0)
-        out[name] = {"problem": problem, "background": [float(z[0, 1]), float(z[1, 0])] if problem is None else None,
-                     "surface": float(z[0, 0]) if problem is None else None}
+        out[name] = {
+            "problem": problem,
+            "background": [float(z[0, 1]), float(z[1, 0])] if problem is None else None,
+            "surface": float(z[0, 0]) if problem is None else None,
+        }
     return out
 
 
@@ -1237,10 +1370,14 @@ def scenario_zpass_panel():
         image_reason = operators.unavailable_reason(bpy.context)
     finally:
         scene.p2v.depth = "estimate"
-    return {"zpass": drawn, "estimate": estimate, "image_reason": image_reason,
-            "image_reason_estimate": operators.unavailable_reason(bpy.context),
-            "items": [item.identifier for item in scene.p2v.bl_rna.properties["zpass_render"].enum_items],
-            "default": scene.p2v.zpass_render}
+    return {
+        "zpass": drawn,
+        "estimate": estimate,
+        "image_reason": image_reason,
+        "image_reason_estimate": operators.unavailable_reason(bpy.context),
+        "items": [item.identifier for item in scene.p2v.bl_rna.properties["zpass_render"].enum_items],
+        "default": scene.p2v.zpass_render,
+    }
 
 
 def scenario_zpass_operator():
@@ -1276,10 +1413,14 @@ def scenario_zpass_operator():
     length = after["strips"][new[0]]["frame_final_duration"] if new else None
     for name in new:
         compat.strips(editor).remove(compat.all_strips(editor)[name])
-    return {"result": sorted(result), "new": new, "length": length,
-            "settings_changes": _state_changes(state_before, _zpass_state()),
-            "depth_source": [job.stats.get("depth_source") for job in jobs],
-            "rendered_samples": [render["rendered_samples"] for render in log.renders]}
+    return {
+        "result": sorted(result),
+        "new": new,
+        "length": length,
+        "settings_changes": _state_changes(state_before, _zpass_state()),
+        "depth_source": [job.stats.get("depth_source") for job in jobs],
+        "rendered_samples": [render["rendered_samples"] for render in log.renders],
+    }
 
 
 def scenario_zpass_save_blend():
@@ -1345,7 +1486,8 @@ SCENARIOS = {
     "bad_empty_prompt": lambda: bad_input("img", settings_values=settings(prompt="  "))(),
     "bad_zpass_image": bad_input("img", depth="zpass"),
     "bad_model_missing": lambda: bad_input(
-        "img", settings_values=settings(model=os.path.join(CONFIG["work"], "no-such-model")))(),
+        "img", settings_values=settings(model=os.path.join(CONFIG["work"], "no-such-model"))
+    )(),
     "unwritable_probe": scenario_unwritable_probe,
     "unsaved_file": scenario_unsaved_file,
     "release": scenario_release,
@@ -1377,13 +1519,14 @@ def _long_confirmed():
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", required=True)
-    args = parser.parse_args(sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else sys.argv[1:])
+    args = parser.parse_args(sys.argv[sys.argv.index("--") + 1 :] if "--" in sys.argv else sys.argv[1:])
     with open(args.config, encoding="utf-8") as handle:
         CONFIG.update(json.load(handle))
     results = {"blender": bpy.app.version_string}
     started = time.monotonic()
-    result = bpy.ops.extensions.package_install_files(filepath=CONFIG["zip"], repo="user_default",
-                                                      enable_on_install=True)
+    result = bpy.ops.extensions.package_install_files(
+        filepath=CONFIG["zip"], repo="user_default", enable_on_install=True
+    )
     results["install"] = sorted(result)
     results["enabled"] = ADDON in bpy.context.preferences.addons
     blend = CONFIG.get("blend") or os.path.join(CONFIG["work"], "edit.blend")
@@ -1393,7 +1536,7 @@ def main() -> int:
         began = time.monotonic()
         try:
             outcome = SCENARIOS[name]()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a scenario records what went wrong
             outcome = {"exception": traceback.format_exc()}
         if isinstance(outcome, dict):
             outcome["scenario_seconds"] = round(time.monotonic() - began, 2)

@@ -29,14 +29,16 @@ IMAGE_FRAMES = 10
 MOVIE_FRAMES = 12
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bpy_python(version: str) -> Path | None:
     """The Python with bpy ``version``, or None when it is not installed here."""
     python = BPY_PYTHONS[version]
     if not python.exists():
         return None
-    done = subprocess.run([str(python), "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('bpy') is None)"],
-                          capture_output=True)
+    done = subprocess.run(
+        [str(python), "-c", "import importlib.util, sys; sys.exit(importlib.util.find_spec('bpy') is None)"],
+        capture_output=True,
+    )
     return python if done.returncode == 0 else None
 
 
@@ -53,7 +55,7 @@ def image_frame(index: int) -> np.ndarray:
     frame[..., 1] = (np.arange(WIDTH) * 3)[None, :]
     frame[..., 2] = (np.arange(HEIGHT) * 4)[:, None]
     x = 4 + index * 6
-    frame[10:26, x:x + 12] = (250, 250, 40)
+    frame[10:26, x : x + 12] = (250, 250, 40)
     return frame
 
 
@@ -61,14 +63,14 @@ def movie_frame(index: int) -> np.ndarray:
     frame = np.full((HEIGHT, WIDTH, 3), 30, np.uint8)
     frame[..., 0] = 15 + index * 18
     x = 2 + index * 6
-    frame[16:32, x:x + 16] = (40, 220, 60)
+    frame[16:32, x : x + 16] = (40, 220, 60)
     return frame
 
 
 def make_media(folder: Path) -> Path:
     """Image sequence, movie, sound and the files the bad-input cases start from."""
-    from PIL import Image
     import imageio.v3 as iio
+    from PIL import Image
 
     (folder / "imgs").mkdir(parents=True, exist_ok=True)
     for index in range(IMAGE_FRAMES):
@@ -77,8 +79,7 @@ def make_media(folder: Path) -> Path:
     for index in range(6):
         Image.fromarray(image_frame(index)).save(folder / "holes" / f"h{index:03d}.png")
     clip = np.stack([movie_frame(i) for i in range(MOVIE_FRAMES)])
-    iio.imwrite(folder / "clip.mp4", clip, fps=24, codec="libx264", macro_block_size=16,
-                output_params=["-crf", "12"])
+    iio.imwrite(folder / "clip.mp4", clip, fps=24, codec="libx264", macro_block_size=16, output_params=["-crf", "12"])
     shutil.copy(folder / "clip.mp4", folder / "gone.mp4")
     with wave.open(str(folder / "tone.wav"), "wb") as sound:
         sound.setnchannels(1)
@@ -126,12 +127,19 @@ def run_scenarios(version: str, config: dict, work: Path, timeout: float = 900) 
     work.mkdir(parents=True, exist_ok=True)
     config_path = work / "config.json"
     config_path.write_text(json.dumps(config), encoding="utf-8")
-    done = subprocess.run([str(python), str(REPO / "tests" / "addon_scenarios.py"), "--config", str(config_path)],
-                          capture_output=True, text=True, timeout=timeout, env=bpy_env(work / "blender-user"),
-                          cwd=str(work))
+    done = subprocess.run(
+        [str(python), str(REPO / "tests" / "addon_scenarios.py"), "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=bpy_env(work / "blender-user"),
+        cwd=str(work),
+    )
     (work / "stdout.txt").write_text(done.stdout)
     (work / "stderr.txt").write_text(done.stderr)
     if done.returncode != 0 or not (work / "results.json").exists():
-        raise AssertionError(f"scenario run under bpy {version} failed ({done.returncode}):\n"
-                             f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(
+            f"scenario run under bpy {version} failed ({done.returncode}):\n"
+            f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        )
     return json.loads((work / "results.json").read_text(encoding="utf-8"))

@@ -102,3 +102,11 @@ def write_png_clip(folder: Path, frames: list[np.ndarray]) -> Path:
     for index, frame in enumerate(frames):
         Image.fromarray(frame).save(folder / f"frame_{index:04d}.png")
     return folder
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that runs a model (it asks for the tiny models) or Blender is ``slow``, so
+    ``scripts/test.sh -m "not slow"`` is the fast loop."""
+    for item in items:
+        if "tiny_models" in item.fixturenames or item.get_closest_marker("blender") is not None:
+            item.add_marker(pytest.mark.slow)

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import synthetic_frames, write_png_clip
 from PIL import Image
 
-from conftest import synthetic_frames, write_png_clip
 from p2v_runtime import ablation
 from p2v_runtime.cli import main
 from p2v_runtime.errors import InputError
@@ -16,10 +16,28 @@ from p2v_runtime.errors import InputError
 
 def ablate_args(tiny_models, tmp_path, clip, out, *extra):
     return [
-        "ablate", str(clip), "--out", str(out), "--prompt", "a red sports car",
-        "--model", str(tiny_models["sd2-depth"]), "--captioner", str(tiny_models["blip"]),
-        "--clip-model", str(tiny_models["clip"]), "--size", "64", "--steps", "2", "--device", "cpu",
-        "--cache-dir", str(tmp_path / "inversion-cache"), "--quiet", *extra,
+        "ablate",
+        str(clip),
+        "--out",
+        str(out),
+        "--prompt",
+        "a red sports car",
+        "--model",
+        str(tiny_models["sd2-depth"]),
+        "--captioner",
+        str(tiny_models["blip"]),
+        "--clip-model",
+        str(tiny_models["clip"]),
+        "--size",
+        "64",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--cache-dir",
+        str(tmp_path / "inversion-cache"),
+        "--quiet",
+        *extra,
     ]
 
 
@@ -48,7 +66,6 @@ def test_p2v_ablate_end_to_end(tiny_models, tmp_path, capsys):
     # The BLIP caption of the first variant is every variant's source prompt.
     assert len({v["stats"]["source_prompt"] for v in report["variants"]}) == 1
 
-    by_name = {v["name"]: v for v in report["variants"]}
     assert all(v["stats"]["unet_calls_inversion"] == 0 for v in report["variants"][1:])
     frames = {name: np.asarray(Image.open(out / name / "000002.png")) for name in ("per-frame", "pix2video")}
     assert not np.array_equal(frames["per-frame"], frames["pix2video"]), "variants must differ"

@@ -18,21 +18,55 @@ import sys
 import zipfile
 from pathlib import Path
 
+import blender_helpers as bh
 import numpy as np
 import pytest
-
-import blender_helpers as bh
 import settings_cases
 
 REPO = bh.REPO
 VERSIONS = ("5.0", "4.2")
 SCENARIOS = (
-    "image", "movie", "scene", "echo_image", "echo_movie", "echo_scene", "cancel", "crash", "second_edit",
-    "warm_reuse", "remote_ok", "remote_wrong_token", "remote_refused", "bad_no_strip", "bad_sound", "bad_text",
-    "bad_color", "bad_meta", "bad_movie_missing", "bad_image_holes", "bad_scene_no_camera", "bad_too_long",
-    "long_confirmed_check", "bad_no_channel", "bad_output_dir", "bad_python_missing", "bad_python_lacks_runtime",
-    "bad_empty_prompt", "bad_zpass_image", "bad_model_missing", "unwritable_probe",
-    "unsaved_file", "release", "panel_draw", "schema_walk", "operator_poll", "operator_run", "operator_in_override", "modal_loop", "check_runtime", "setup_fails",
+    "image",
+    "movie",
+    "scene",
+    "echo_image",
+    "echo_movie",
+    "echo_scene",
+    "cancel",
+    "crash",
+    "second_edit",
+    "warm_reuse",
+    "remote_ok",
+    "remote_wrong_token",
+    "remote_refused",
+    "bad_no_strip",
+    "bad_sound",
+    "bad_text",
+    "bad_color",
+    "bad_meta",
+    "bad_movie_missing",
+    "bad_image_holes",
+    "bad_scene_no_camera",
+    "bad_too_long",
+    "long_confirmed_check",
+    "bad_no_channel",
+    "bad_output_dir",
+    "bad_python_missing",
+    "bad_python_lacks_runtime",
+    "bad_empty_prompt",
+    "bad_zpass_image",
+    "bad_model_missing",
+    "unwritable_probe",
+    "unsaved_file",
+    "release",
+    "panel_draw",
+    "schema_walk",
+    "operator_poll",
+    "operator_run",
+    "operator_in_override",
+    "modal_loop",
+    "check_runtime",
+    "setup_fails",
     "register_twice",
 )
 
@@ -61,9 +95,16 @@ def media(tmp_path_factory) -> Path:
 
 
 def _config(built_addon, tiny_models, media_dir: Path, scenarios) -> dict:
-    return dict(zip=str(built_addon["extension"]), media=str(media_dir), model=str(tiny_models["sd2-depth"]),
-                captioner=str(tiny_models["blip"]), runtime_python=str(bh.RUNTIME_PYTHON),
-                base_python=bh.base_python(), scenarios=list(scenarios), bad_values=settings_cases.bad_values())
+    return dict(
+        zip=str(built_addon["extension"]),
+        media=str(media_dir),
+        model=str(tiny_models["sd2-depth"]),
+        captioner=str(tiny_models["blip"]),
+        runtime_python=str(bh.RUNTIME_PYTHON),
+        base_python=bh.base_python(),
+        scenarios=list(scenarios),
+        bad_values=settings_cases.bad_values(),
+    )
 
 
 @pytest.fixture(scope="module", params=VERSIONS)
@@ -114,20 +155,35 @@ def test_vendored_copy_that_differs_is_found(tmp_path):
 def test_packages_have_the_addon_and_validate(built_addon):
     with zipfile.ZipFile(built_addon["extension"]) as archive:
         names = set(archive.namelist())
-    for required in ("blender_manifest.toml", "__init__.py", "compat.py", "operators.py", "panel.py",
-                     "preferences.py", "strip_frames.py", "output_strip.py", "runtime_process.py", "job.py"):
+    for required in (
+        "blender_manifest.toml",
+        "__init__.py",
+        "compat.py",
+        "operators.py",
+        "panel.py",
+        "preferences.py",
+        "strip_frames.py",
+        "output_strip.py",
+        "runtime_process.py",
+        "job.py",
+    ):
         assert required in names
     assert any(n.startswith("runtime/p2v_runtime-") and n.endswith(".whl") for n in names)
     assert not any("__pycache__" in n for n in names)
     with zipfile.ZipFile(built_addon["legacy"]) as archive:
         assert all(n.startswith("pix2video/") for n in archive.namelist())
-    validators = sorted((REPO / ".venv").glob("lib/python3*/site-packages/bpy/*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
-    validators += sorted((REPO / ".venv-bpy42").glob("lib/python3*/site-packages/bpy/*/scripts/addons_core/bl_pkg/cli/blender_ext.py"))
+    validators = sorted(
+        (REPO / ".venv").glob("lib/python3*/site-packages/bpy/*/scripts/addons_core/bl_pkg/cli/blender_ext.py")
+    )
+    validators += sorted(
+        (REPO / ".venv-bpy42").glob("lib/python3*/site-packages/bpy/*/scripts/addons_core/bl_pkg/cli/blender_ext.py")
+    )
     if not validators:
         pytest.skip("Blender's extension validator (in the bpy package) is not installed")
     for validator in validators:
-        done = subprocess.run([sys.executable, str(validator), "validate", str(built_addon["extension"])],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, str(validator), "validate", str(built_addon["extension"])], capture_output=True, text=True
+        )
         assert done.returncode == 0 and "FATAL" not in done.stdout, done.stdout + done.stderr
 
 
@@ -186,16 +242,24 @@ def test_runtime_setup_installs_the_wheel_and_says_what_is_missing(built_addon, 
         wheel = tmp_path / Path(wheel_name).name
         wheel.write_bytes(archive.read(wheel_name))
     venv = tmp_path / "venv"
-    task = runtime_setup.SetupTask(bh.base_python(), str(venv), [str(wheel)], pip_args=["--no-deps", "--no-index"],
-                                     log_path=str(tmp_path / "setup.log"))
+    task = runtime_setup.SetupTask(
+        bh.base_python(),
+        str(venv),
+        [str(wheel)],
+        pip_args=["--no-deps", "--no-index"],
+        log_path=str(tmp_path / "setup.log"),
+    )
     task.start()
     assert task.join(300)
     # The base Python has no torch: the runtime is installed, and the check says what is missing.
     assert task.state == "failed", task.message
     assert "torch cannot be imported" in task.message
     assert task.step == task.steps
-    done = subprocess.run([runtime_setup.venv_python(str(venv)), "-c", "import p2v_runtime.protocol as p; print(p.PROTOCOL_VERSION)"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [runtime_setup.venv_python(str(venv)), "-c", "import p2v_runtime.protocol as p; print(p.PROTOCOL_VERSION)"],
+        capture_output=True,
+        text=True,
+    )
     assert done.stdout.strip() == "1"
     assert (venv / "bin" / "p2v").exists()
     log = (tmp_path / "setup.log").read_text()
@@ -205,8 +269,9 @@ def test_runtime_setup_installs_the_wheel_and_says_what_is_missing(built_addon, 
 def test_runtime_setup_can_be_cancelled(tmp_path):
     from blender_addon import runtime_setup
 
-    task = runtime_setup.SetupTask(bh.base_python(), str(tmp_path / "venv"), ["p2v-runtime"],
-                                     log_path=str(tmp_path / "setup.log"))
+    task = runtime_setup.SetupTask(
+        bh.base_python(), str(tmp_path / "venv"), ["p2v-runtime"], log_path=str(tmp_path / "setup.log")
+    )
     task.start()
     task.cancel()
     assert task.join(120)
@@ -231,11 +296,14 @@ def test_extension_installs_and_enables(results):
     assert results["enabled"] is True
 
 
-@pytest.mark.parametrize("name, strip, channel, start, length", [
-    ("image", "img", 4, 7, 5),   # channel 3 is taken over the range, channel 4 is free there
-    ("movie", "mov", 5, 21, 7),
-    ("scene", "shot", 7, 43, 7),
-])
+@pytest.mark.parametrize(
+    "name, strip, channel, start, length",
+    [
+        ("image", "img", 4, 7, 5),  # channel 3 is taken over the range, channel 4 is free there
+        ("movie", "mov", 5, 21, 7),
+        ("scene", "shot", 7, 43, 7),
+    ],
+)
 def test_edit_makes_the_new_strip(results, name, strip, channel, start, length):
     found = outcome(results, name)
     assert found["state"] == "done", found["message"]
@@ -409,8 +477,9 @@ def test_addon_properties_follow_the_schema(results):
                 assert entry["property_message"] == settings_cases.refusal(f.name, bad), f.name
             elif not isinstance(entry["kept"], str):  # clamped by Blender into the schema's range
                 assert spec.low <= entry["kept"] <= spec.high, f.name
-    assert {name for name, entry in found.items() if isinstance(entry, dict) and "override_message" in entry} == \
-        set(settings_cases.bad_values()) & expected
+    assert {name for name, entry in found.items() if isinstance(entry, dict) and "override_message" in entry} == set(
+        settings_cases.bad_values()
+    ) & expected
 
 
 def test_panel_layout(results):
@@ -423,8 +492,13 @@ def test_panel_layout(results):
     from p2v_runtime import settings as schema
 
     def scene_fields(advanced):
-        return [f.name for f in schema.setting_fields() if schema.spec_of(f).blender == schema.SCENE
-                and schema.spec_of(f).advanced == advanced and schema.spec_of(f).shown_when is None]
+        return [
+            f.name
+            for f in schema.setting_fields()
+            if schema.spec_of(f).blender == schema.SCENE
+            and schema.spec_of(f).advanced == advanced
+            and schema.spec_of(f).shown_when is None
+        ]
 
     props = [e["property"] for e in found["idle"] if e["call"] == "prop"]
     assert props == scene_fields(False)  # the schema's order; the Z-pass render only with Depth 'Z pass'
@@ -434,14 +508,25 @@ def test_panel_layout(results):
     assert [e["property"] for e in found["advanced"] if e["call"] == "prop"] == scene_fields(True)
     prefs = [e["property"] for e in found["preferences"] if e["call"] == "prop"]
     assert [name for name in prefs if name in schema.EditSettings.__dataclass_fields__] == [
-        f.name for f in schema.setting_fields() if schema.spec_of(f).blender == schema.PREFERENCES]
+        f.name for f in schema.setting_fields() if schema.spec_of(f).blender == schema.PREFERENCES
+    ]
     running_ops = [e["operator"] for e in found["running"] if e["call"] == "operator"]
     assert "sequencer.p2v_cancel" in running_ops and "sequencer.p2v_edit" not in running_ops
     assert any(e["call"] == "progress" and "frames" in e["text"] for e in found["running"])
     local = [e["property"] for e in found["preferences"] if e["call"] == "prop"]
-    assert {"runtime_mode", "python", "model", "captioner", "device", "output_dir", "setup_python", "torch_index_url"} <= set(local)
+    assert {
+        "runtime_mode",
+        "python",
+        "model",
+        "captioner",
+        "device",
+        "output_dir",
+        "setup_python",
+        "torch_index_url",
+    } <= set(local)
     assert {"p2v.setup_runtime", "p2v.check_runtime", "p2v.release_runtime"} <= {
-        e["operator"] for e in found["preferences"] if e["call"] == "operator"}
+        e["operator"] for e in found["preferences"] if e["call"] == "operator"
+    }
     remote = [e["property"] for e in found["preferences_remote"] if e["call"] == "prop"]
     assert {"host", "port", "token", "token_file"} <= set(remote) and "python" not in remote
 
@@ -480,7 +565,11 @@ def test_check_runtime_reports_device_or_what_is_missing(results):
 
 def test_failed_setup_says_why(results):
     found = outcome(results, "setup_fails")
-    assert found["state"] == "failed" and "Installing the runtime failed" in found["message"] and "log:" in found["message"]
+    assert (
+        found["state"] == "failed"
+        and "Installing the runtime failed" in found["message"]
+        and "log:" in found["message"]
+    )
 
 
 def test_register_unregister_twice_leaves_nothing(results):
@@ -518,13 +607,30 @@ def blend_files(built_addon, tiny_models, tmp_path_factory):
 def _headless(python: Path, args: list[str], tmp_path: Path, timeout: float = 300):
     env = bh.bpy_env(tmp_path / "blender-user")
     env["P2V_RUNTIME_PYTHON"] = str(bh.RUNTIME_PYTHON)
-    return subprocess.run([str(python), str(REPO / "scripts" / "p2v_blender.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [str(python), str(REPO / "scripts" / "p2v_blender.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def _tiny_args(tiny_models) -> list[str]:
-    return ["--model", str(tiny_models["sd2-depth"]), "--captioner", str(tiny_models["blip"]), "--device", "cpu",
-            "--steps", "2", "--size", "64", "--source-prompt", "a grey car"]
+    return [
+        "--model",
+        str(tiny_models["sd2-depth"]),
+        "--captioner",
+        str(tiny_models["blip"]),
+        "--device",
+        "cpu",
+        "--steps",
+        "2",
+        "--size",
+        "64",
+        "--source-prompt",
+        "a grey car",
+    ]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -534,19 +640,32 @@ def test_headless_edit_saves_the_new_strip(version, blend_files, tiny_models, tm
         pytest.skip(f"bpy {version} is not installed")
     blend = tmp_path / "copy.blend"
     shutil.copy(blend_files(version), blend)
-    done = _headless(python, ["--blend", str(blend), "--strip", "mov", "--prompt", "a red car", "--save",
-                              *_tiny_args(tiny_models)], tmp_path)
+    done = _headless(
+        python,
+        ["--blend", str(blend), "--strip", "mov", "--prompt", "a red car", "--save", *_tiny_args(tiny_models)],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("p2v_blender: ")]
     assert lines[0].startswith("p2v_blender: editing 7 frame(s) of strip 'mov' at 80x48")
     assert any("/7 frames" in line for line in lines)
     assert "Edited 7 frame(s)" in lines[-1]
     assert sorted(p.name for p in (tmp_path / "p2v" / "mov_1").iterdir()) == [f"{i:06d}.png" for i in range(7)]
-    check = subprocess.run([str(python), "-c", (
-        "import bpy, json; bpy.ops.wm.open_mainfile(filepath=%r); e = bpy.data.scenes['Edit'].sequence_editor; "
-        "c = getattr(e, 'strips_all', None) or e.sequences_all; s = c['mov p2v']; "
-        "print('RESULT', json.dumps([s.channel, s.frame_final_start, s.frame_final_duration, s.directory]))") % str(blend)],
-        capture_output=True, text=True, env=bh.bpy_env(tmp_path / "blender-user"))
+    check = subprocess.run(
+        [
+            str(python),
+            "-c",
+            (
+                f"import bpy, json; bpy.ops.wm.open_mainfile(filepath={str(blend)!r}); "
+                "e = bpy.data.scenes['Edit'].sequence_editor; "
+                "c = getattr(e, 'strips_all', None) or e.sequences_all; s = c['mov p2v']; "
+                "print('RESULT', json.dumps([s.channel, s.frame_final_start, s.frame_final_duration, s.directory]))"
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        env=bh.bpy_env(tmp_path / "blender-user"),
+    )
     result = json.loads(next(line for line in check.stdout.splitlines() if line.startswith("RESULT"))[7:])
     assert result == [5, 21, 7, "//p2v/mov_1/"]
 
@@ -559,15 +678,32 @@ def test_headless_bad_input_is_one_line(blend_files, tmp_path):
     cases = [
         (["--blend", str(blend), "--strip", "nope", "--prompt", "x"], 1, "has no strip named 'nope'"),
         (["--blend", str(blend), "--strip", "txt", "--prompt", "x", "--save"], 1, "is a text strip"),
-        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--max-frames", "2"], 1, "more than the limit of 2"),
+        (
+            ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--max-frames", "2"],
+            1,
+            "more than the limit of 2",
+        ),
         (["--blend", str(blend), "--strip", "img"], 2, "Prompt (--prompt) is empty"),
-        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--injection", "sideways"], 2,
-         settings_cases.refusal("injection", "sideways")),
-        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--steps", "many"], 2,
-         "Steps (--steps) must be a whole number, got 'many'"),
-        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--frames", "0:99"], 1,
-         "goes past the clip: it has 5 frames"),
-        (["--blend", str(blend), "--strip", "img", "--prompt", "x", "--runtime-python", "/nonexistent/python"], 1, "is not found"),
+        (
+            ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--injection", "sideways"],
+            2,
+            settings_cases.refusal("injection", "sideways"),
+        ),
+        (
+            ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--steps", "many"],
+            2,
+            "Steps (--steps) must be a whole number, got 'many'",
+        ),
+        (
+            ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--frames", "0:99"],
+            1,
+            "goes past the clip: it has 5 frames",
+        ),
+        (
+            ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--runtime-python", "/nonexistent/python"],
+            1,
+            "is not found",
+        ),
     ]
     for args, code, text in cases:
         done = _headless(python, args, tmp_path)
@@ -578,7 +714,19 @@ def test_headless_bad_input_is_one_line(blend_files, tmp_path):
 
 
 def test_headless_without_bpy_says_how_to_run(tmp_path):
-    done = subprocess.run([bh.base_python(), str(REPO / "scripts" / "p2v_blender.py"), "--blend", "x.blend",
-                           "--strip", "s", "--prompt", "p"], capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            bh.base_python(),
+            str(REPO / "scripts" / "p2v_blender.py"),
+            "--blend",
+            "x.blend",
+            "--strip",
+            "s",
+            "--prompt",
+            "p",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert "bpy is not importable" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO, synthetic_frames, write_png_clip
 from PIL import Image
 
-from conftest import REPO, synthetic_frames, write_png_clip
 from p2v_runtime import cli
 
 STAT_KEYS = {
-    "frames", "steps", "unet_calls", "unet_calls_inversion", "unet_calls_edit", "inversion_cache_hits",
-    "feature_cache_bytes", "seconds", "seconds_per_frame", "peak_rss_bytes", "peak_gpu_bytes", "depth_source",
-    "source_prompt", "device", "dtype",
+    "frames",
+    "steps",
+    "unet_calls",
+    "unet_calls_inversion",
+    "unet_calls_edit",
+    "inversion_cache_hits",
+    "feature_cache_bytes",
+    "seconds",
+    "seconds_per_frame",
+    "peak_rss_bytes",
+    "peak_gpu_bytes",
+    "depth_source",
+    "source_prompt",
+    "device",
+    "dtype",
 }
 
 
@@ -31,10 +42,26 @@ def clip(tmp_path) -> Path:
 def edit_args(tiny_models, tmp_path):
     def make(input_path, out, *extra):
         return [
-            "edit", str(input_path), "--out", str(out), "--prompt", "a red sports car",
-            "--model", str(tiny_models["sd2-depth"]), "--captioner", str(tiny_models["blip"]),
-            "--size", "64", "--steps", "2", "--device", "cpu", "--quiet",
-            "--cache-dir", str(tmp_path / "cache"), *map(str, extra),
+            "edit",
+            str(input_path),
+            "--out",
+            str(out),
+            "--prompt",
+            "a red sports car",
+            "--model",
+            str(tiny_models["sd2-depth"]),
+            "--captioner",
+            str(tiny_models["blip"]),
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            *map(str, extra),
         ]
 
     return make
@@ -55,8 +82,16 @@ def test_edit_end_to_end_writes_frames_and_stats(clip, edit_args, tmp_path):
     stats_file = tmp_path / "stats.json"
     depth_dir = tmp_path / "depth-used"
     result = subprocess.run(
-        [sys.executable, "-m", "p2v_runtime.cli", *edit_args(clip, out, "--stats", stats_file, "--save-depth", depth_dir)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "p2v_runtime.cli",
+            *edit_args(clip, out, "--stats", stats_file, "--save-depth", depth_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     written = sorted(p.name for p in out.iterdir())
@@ -111,8 +146,10 @@ def test_zpass_depth_from_npy_files(clip, edit_args, tmp_path, capsys):
         z[:5] = np.inf  # background
         np.save(depth / f"{index:04d}.npy", z)
     stats_file = tmp_path / "stats.json"
-    code, err = run_cli(edit_args(clip, tmp_path / "out", "--depth", depth, "--stats", stats_file,
-                                  "--save-depth", tmp_path / "used"), capsys)
+    code, err = run_cli(
+        edit_args(clip, tmp_path / "out", "--depth", depth, "--stats", stats_file, "--save-depth", tmp_path / "used"),
+        capsys,
+    )
     assert code == 0, err
     assert json.loads(stats_file.read_text())["depth_source"] == "file"
     used = np.asarray(Image.open(tmp_path / "used" / "000000.png"), dtype=np.float64)
@@ -155,7 +192,10 @@ def bad_cases(tmp_path: Path, clip: Path) -> dict[str, tuple[list, str]]:
         "empty folder": ([empty], "no images"),
         "mixed sizes": ([mixed], "80x64"),
         "undecodable video": ([broken_video], "decode"),
-        "depth wrong count": ([clip, "--depth", write_depth(tmp_path / "d1", good_depth(2))], "2 files but there are 3"),
+        "depth wrong count": (
+            [clip, "--depth", write_depth(tmp_path / "d1", good_depth(2))],
+            "2 files but there are 3",
+        ),
         "depth wrong size": ([clip, "--depth", write_depth(tmp_path / "d2", good_depth(3, (32, 32)))], "32x32"),
         "depth NaN": ([clip, "--depth", write_depth(tmp_path / "d3", nan_depth)], "NaN"),
         "depth -inf": ([clip, "--depth", write_depth(tmp_path / "d4", neg_inf_depth)], "-inf"),
@@ -167,8 +207,18 @@ def bad_cases(tmp_path: Path, clip: Path) -> dict[str, tuple[list, str]]:
 
 
 CASES = [
-    "missing input", "empty folder", "mixed sizes", "undecodable video", "depth wrong count", "depth wrong size",
-    "depth NaN", "depth -inf", "depth constant", "steps < 1", "frames out of range", "out is input",
+    "missing input",
+    "empty folder",
+    "mixed sizes",
+    "undecodable video",
+    "depth wrong count",
+    "depth wrong size",
+    "depth NaN",
+    "depth -inf",
+    "depth constant",
+    "steps < 1",
+    "frames out of range",
+    "out is input",
 ]
 
 
@@ -248,8 +298,9 @@ def test_depth_normalisation_over_the_clip_or_per_frame(norm, clip, edit_args, t
         maps.append(z)
     depth = write_depth(tmp_path / "z", maps)
     used = tmp_path / "used"
-    code, err = run_cli(edit_args(clip, tmp_path / "out", "--depth", depth, "--depth-norm", norm,
-                                  "--save-depth", used), capsys)
+    code, err = run_cli(
+        edit_args(clip, tmp_path / "out", "--depth", depth, "--depth-norm", norm, "--save-depth", used), capsys
+    )
     assert code == 0, err
     saved = [np.asarray(Image.open(used / f"{i:06d}.png"), dtype=np.float64) for i in range(3)]
     if norm == "frame":

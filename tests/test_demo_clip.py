@@ -16,9 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 SCRIPT = REPO / "scripts" / "render_demo_clip.py"
 SIZE, FRAMES = 64, 2
@@ -26,8 +25,9 @@ SIZE, FRAMES = 64, 2
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_frames_are_rgb_pngs_of_the_requested_size(rendered):
     # Sky at the top (blue over red), the car (red) in the middle.
     top = first[:4].reshape(-1, 3).mean(axis=0)
     assert top[2] > top[0] + 30
-    middle = first[SIZE // 3: 2 * SIZE // 3, SIZE // 4: 3 * SIZE // 4].reshape(-1, 3).astype(int)
+    middle = first[SIZE // 3 : 2 * SIZE // 3, SIZE // 4 : 3 * SIZE // 4].reshape(-1, 3).astype(int)
     assert ((middle[:, 0] > 100) & (middle[:, 0] > middle[:, 2] + 50)).any()
 
 
@@ -92,8 +92,18 @@ def test_clip_json_names_the_parameters_and_reuse_skips_rendering(rendered):
     assert (stamp["frames"], stamp["size"], stamp["samples"], stamp["denoise"]) == (FRAMES, SIZE, 1, False)
     assert stamp["fps"] > 0
     before = {p: p.stat().st_mtime_ns for p in rendered.rglob("*") if p.is_file()}
-    done = _run(str(rendered), "--size", str(SIZE), "--frames", str(FRAMES), "--samples", "1", "--no-denoise",
-                "--reuse", timeout=30)
+    done = _run(
+        str(rendered),
+        "--size",
+        str(SIZE),
+        "--frames",
+        str(FRAMES),
+        "--samples",
+        "1",
+        "--no-denoise",
+        "--reuse",
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("render_demo_clip: reusing ")
     assert {p: p.stat().st_mtime_ns for p in rendered.rglob("*") if p.is_file()} == before
@@ -105,8 +115,9 @@ def test_reuse_refuses_a_clip_rendered_with_other_parameters(rendered, tmp_path)
     same = parse_args([str(rendered), "--size", str(SIZE), "--frames", str(FRAMES), "--samples", "1", "--no-denoise"])
     assert already_rendered(rendered, wanted_stamp(same))
     for changed in (["--frames", "3"], ["--size", "32"], ["--samples", "2"], ["--denoise"]):
-        args = parse_args([str(rendered), "--size", str(SIZE), "--frames", str(FRAMES), "--samples", "1",
-                           "--no-denoise", *changed])
+        args = parse_args(
+            [str(rendered), "--size", str(SIZE), "--frames", str(FRAMES), "--samples", "1", "--no-denoise", *changed]
+        )
         assert not already_rendered(rendered, wanted_stamp(args)), changed
     assert not already_rendered(tmp_path / "nothing-here", wanted_stamp(same))
 
@@ -120,15 +131,19 @@ def _script_module(monkeypatch):
     monkeypatch.setitem(sys.modules, "scripts_render_demo_clip", module)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--frames", "zero"], "--frames must be a whole number"),
-    (["--frames", "0"], "--frames must be a whole number"),
-    (["--prompt", "  "], "--prompt is empty"),
-    (["--bogus"], "unknown argument '--bogus'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--frames", "zero"], "--frames must be a whole number"),
+        (["--frames", "0"], "--frames must be a whole number"),
+        (["--prompt", "  "], "--prompt is empty"),
+        (["--bogus"], "unknown argument '--bogus'"),
+    ],
+)
 def test_demo_sh_reports_bad_arguments_in_one_line(args, message):
-    done = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), *args], capture_output=True, text=True,
-                          timeout=30, check=False)
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo.sh"), *args], capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 1
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("p2v demo: error: ") and message in done.stderr

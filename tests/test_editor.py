@@ -12,8 +12,8 @@ import weakref
 
 import numpy as np
 import pytest
-
 from conftest import ArrayFrames, synthetic_frames
+
 from p2v_runtime.editor import edit_clip
 from p2v_runtime.errors import EditCancelled
 from p2v_runtime.protocol import EditStats
@@ -188,12 +188,15 @@ def features_alive_at_each_frame(monkeypatch, frames, settings):
 def test_feature_cache_holds_only_frames_still_needed(tiny_settings, monkeypatch):
     short, short_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(3), tiny_settings(update="off"))
     long, long_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(6), tiny_settings(update="off"))
-    anchor, anchor_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(3),
-                                                        tiny_settings(injection="anchor", update="off"))
-    previous, _ = features_alive_at_each_frame(monkeypatch, synthetic_frames(3),
-                                               tiny_settings(injection="previous", update="off"))
-    none, none_stats = features_alive_at_each_frame(monkeypatch, synthetic_frames(3),
-                                                    tiny_settings(injection="none", update="off"))
+    anchor, anchor_stats = features_alive_at_each_frame(
+        monkeypatch, synthetic_frames(3), tiny_settings(injection="anchor", update="off")
+    )
+    previous, _ = features_alive_at_each_frame(
+        monkeypatch, synthetic_frames(3), tiny_settings(injection="previous", update="off")
+    )
+    none, none_stats = features_alive_at_each_frame(
+        monkeypatch, synthetic_frames(3), tiny_settings(injection="none", update="off")
+    )
     # What is really in memory while frame i is handed out: the anchor's and frame i's features
     # (frame i is the next frame's previous), whatever the clip length.
     assert long == [{0}] + [{0, i} for i in range(1, 6)]
@@ -220,8 +223,9 @@ def test_inversion_then_sampling_with_source_prompt_reconstructs_the_latent(tiny
 
     frames = synthetic_frames(2)
     prompt = "a grey car on a road"
-    settings = tiny_settings(prompt=prompt, source_prompt=prompt, guidance=1.0, injection="none", update="off",
-                             steps=50)
+    settings = tiny_settings(
+        prompt=prompt, source_prompt=prompt, guidance=1.0, injection="none", update="off", steps=50
+    )
     pipeline, _ = load_depth_pipeline(settings.model, settings.device, settings.dtype)
     outputs, _ = run_edit(frames, settings)
 
@@ -354,8 +358,9 @@ def guided_update_calls(monkeypatch, tiny_settings, frames, **overrides):
 )
 def test_update_is_limited_to_the_early_steps(monkeypatch, tiny_settings, update, steps, update_steps, last):
     frames = synthetic_frames(3)
-    settings, recorder = guided_update_calls(monkeypatch, tiny_settings, frames, update=update, steps=steps,
-                                             update_steps=update_steps)
+    settings, recorder = guided_update_calls(
+        monkeypatch, tiny_settings, frames, update=update, steps=steps, update_steps=update_steps
+    )
     assert settings.last_update_step() == last
     early = list(range(last + 1))
     expected = {0: [], 1: early, 2: early}  # frame 1 has no previous frame to be pulled towards
@@ -389,8 +394,11 @@ def test_generator_yields_in_order_as_each_frame_is_done(tiny_settings):
 
 def test_progress_reports_every_stage(tiny_settings):
     seen = []
-    run_edit(synthetic_frames(2), tiny_settings(steps=2, source_prompt=None),
-             progress=lambda stage, done, total: seen.append((stage, done, total)))
+    run_edit(
+        synthetic_frames(2),
+        tiny_settings(steps=2, source_prompt=None),
+        progress=lambda stage, done, total: seen.append((stage, done, total)),
+    )
     stages = [stage for stage, _, _ in seen]
     for stage in ("load", "depth", "caption", "inversion", "edit"):
         assert stage in stages
@@ -411,8 +419,9 @@ def test_cancel_stops_within_one_denoising_step(tiny_settings, stage):
 
     results = []
     with pytest.raises(EditCancelled) as raised:
-        for item in edit_clip(ArrayFrames(synthetic_frames(3)), tiny_settings(steps=4), progress=progress,
-                              cancel=cancel, stats=stats):
+        for item in edit_clip(
+            ArrayFrames(synthetic_frames(3)), tiny_settings(steps=4), progress=progress, cancel=cancel, stats=stats
+        ):
             results.append(item)
     assert calls_when_cancelled, "the cancel point was reached"
     assert stats.unet_calls - calls_when_cancelled[0] <= 1

@@ -18,7 +18,6 @@ from PIL import Image
 from p2v_runtime import frames as F
 from p2v_runtime.errors import InputError
 
-
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -49,8 +48,9 @@ def png16_rgb(path: Path, rgb16: np.ndarray) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -228,7 +228,9 @@ def test_unreadable_image(tmp_path):
 
 def test_truncated_image_fails_on_read(tmp_path):
     save_png(tmp_path / "f1.png", solid(1))
-    data = (save_png(tmp_path / "f2.png", np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))).read_bytes()
+    data = (
+        save_png(tmp_path / "f2.png", np.random.default_rng(0).integers(0, 255, (48, 64, 3), np.uint8))
+    ).read_bytes()
     (tmp_path / "f2.png").write_bytes(data[: len(data) // 2])
     source = F.open_frames(tmp_path)  # the header is intact
     with pytest.raises(InputError) as excinfo:
@@ -380,8 +382,9 @@ def test_side_by_side_mp4(tmp_path):
     edited = tmp_path / "edit"
     for i in range(3):  # a cancelled job: fewer edited frames than source frames
         F.write_frame(edited, i, np.full((64, 96, 3), (250, 0, 0), np.uint8))
-    out = F.write_side_by_side_mp4(source, edited, tmp_path / "preview" / "sbs.mp4", fps=8,
-                                   label="random-weight output")
+    out = F.write_side_by_side_mp4(
+        source, edited, tmp_path / "preview" / "sbs.mp4", fps=8, label="random-weight output"
+    )
     assert out.is_file() and os.listdir(out.parent) == ["sbs.mp4"]
     video = F.open_frames(out)
     assert len(video) == 3 and video.size == (130, 48)
@@ -404,14 +407,16 @@ def test_side_by_side_needs_edited_frames(tmp_path):
 
 def depth_map(i: int, size=(64, 48)) -> np.ndarray:
     width, height = size
-    return (np.arange(width * height, dtype=np.float32).reshape(height, width) * 0.01 + 3.0 + i)
+    return np.arange(width * height, dtype=np.float32).reshape(height, width) * 0.01 + 3.0 + i
 
 
 def write_exr(path: Path, channels_by_part: dict[str, dict[str, np.ndarray]]) -> Path:
     import OpenEXR
 
-    parts = [OpenEXR.Part({"compression": OpenEXR.ZIP_COMPRESSION}, channels, name=name or f"part{i}")
-             for i, (name, channels) in enumerate(channels_by_part.items())]
+    parts = [
+        OpenEXR.Part({"compression": OpenEXR.ZIP_COMPRESSION}, channels, name=name or f"part{i}")
+        for i, (name, channels) in enumerate(channels_by_part.items())
+    ]
     if len(parts) == 1 and not next(iter(channels_by_part)):
         OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION}, next(iter(channels_by_part.values()))).write(str(path))
     else:
@@ -422,10 +427,13 @@ def write_exr(path: Path, channels_by_part: dict[str, dict[str, np.ndarray]]) ->
 def test_exr_blender_multilayer_round_trip(tmp_path):
     pytest.importorskip("OpenEXR")
     for i in range(3):  # Blender 5 writes one part per pass, channels "ViewLayer.Depth.Z"
-        write_exr(tmp_path / f"Image{i:04d}.exr", {
-            "ViewLayer.Combined": {f"ViewLayer.Combined.{c}": np.full((48, 64), 0.5, np.float32) for c in "RGBA"},
-            "ViewLayer.Depth": {"ViewLayer.Depth.Z": depth_map(i)},
-        })
+        write_exr(
+            tmp_path / f"Image{i:04d}.exr",
+            {
+                "ViewLayer.Combined": {f"ViewLayer.Combined.{c}": np.full((48, 64), 0.5, np.float32) for c in "RGBA"},
+                "ViewLayer.Depth": {"ViewLayer.Depth.Z": depth_map(i)},
+            },
+        )
     depth = F.open_depth(tmp_path, 3, (64, 48))
     assert len(depth) == 3 and depth.size == (64, 48)
     for i in range(3):
@@ -533,7 +541,10 @@ def test_unreadable_exr(tmp_path):
 
 
 def test_import_is_light():
-    code = "import sys, p2v_runtime.frames; print(sorted(m for m in ('torch', 'PIL', 'imageio', 'OpenEXR') if m in sys.modules))"
+    code = (
+        "import sys, p2v_runtime.frames; "
+        "print(sorted(m for m in ('torch', 'PIL', 'imageio', 'OpenEXR') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

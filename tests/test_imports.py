@@ -9,7 +9,9 @@ from conftest import REPO
 
 
 def modules_after(code: str) -> set[str]:
-    check = f"import sys\n{code}\nprint(' '.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    check = (
+        f"import sys\n{code}\nprint(' '.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     return set(out.stdout.split())

@@ -23,12 +23,35 @@ def peak_rss_of_edit(tiny_models, tmp_path, count: int) -> int:
     stats = tmp_path / f"stats{count}.json"
     result = subprocess.run(
         [
-            sys.executable, "-m", "p2v_runtime.cli", "edit", str(clip), "--out", str(tmp_path / f"out{count}"),
-            "--prompt", "a red sports car", "--source-prompt", "a car", "--model", str(tiny_models["sd2-depth"]),
-            "--size", "64", "--steps", "2", "--device", "cpu", "--quiet", "--stats", str(stats),
-            "--cache-dir", str(tmp_path / "cache"),
+            sys.executable,
+            "-m",
+            "p2v_runtime.cli",
+            "edit",
+            str(clip),
+            "--out",
+            str(tmp_path / f"out{count}"),
+            "--prompt",
+            "a red sports car",
+            "--source-prompt",
+            "a car",
+            "--model",
+            str(tiny_models["sd2-depth"]),
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--stats",
+            str(stats),
+            "--cache-dir",
+            str(tmp_path / "cache"),
         ],
-        capture_output=True, text=True, timeout=900, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     values = json.loads(stats.read_text())
@@ -49,7 +72,10 @@ def test_peak_memory_is_the_process_own_not_its_parents():
     ballast = b"\x01" * (1024 * 1024 * 1024)  # 1 GiB resident in this process while it spawns
     done = subprocess.run(
         [sys.executable, "-c", "from p2v_runtime.editor import peak_rss_bytes; print(peak_rss_bytes())"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     del ballast
     assert done.returncode == 0, done.stderr

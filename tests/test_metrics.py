@@ -8,8 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO, ArrayFrames, write_png_clip
+
 from p2v_runtime import metrics
 from p2v_runtime.cli import main
 from p2v_runtime.errors import InputError
@@ -165,10 +165,13 @@ class _BrokenTorchvision:
         return None
 
 
-@pytest.mark.parametrize("torchvision, message", [
-    ("missing", "--flow raft needs torchvision"),
-    ("broken", "torchvision does not load with this torch (operator torchvision::nms does not exist)"),
-])
+@pytest.mark.parametrize(
+    "torchvision, message",
+    [
+        ("missing", "--flow raft needs torchvision"),
+        ("broken", "torchvision does not load with this torch (operator torchvision::nms does not exist)"),
+    ],
+)
 def test_raft_without_a_working_torchvision_is_a_clear_error(monkeypatch, torchvision, message):
     for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -247,10 +250,28 @@ def test_p2v_eval_end_to_end_writes_json(tiny_models, tmp_path):
     write_png_clip(tmp_path / "edited", [255 - f for f in source])
     out = tmp_path / "metrics.json"
     result = subprocess.run(
-        [sys.executable, "-m", "p2v_runtime.cli", "eval", "--source", str(tmp_path / "source"),
-         "--edited", str(tmp_path / "edited"), "--prompt", "a red sports car",
-         "--clip-model", str(tiny_models["clip"]), "--device", "cpu", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "p2v_runtime.cli",
+            "eval",
+            "--source",
+            str(tmp_path / "source"),
+            "--edited",
+            str(tmp_path / "edited"),
+            "--prompt",
+            "a red sports car",
+            "--clip-model",
+            str(tiny_models["clip"]),
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     assert "CLIP-Text" in result.stdout and "Pixel-MSE" in result.stdout
@@ -265,9 +286,25 @@ def test_p2v_eval_compares_with_a_range_of_the_source(tiny_models, tmp_path, cap
     source = panning_clip(5)
     write_png_clip(tmp_path / "source", source)
     write_png_clip(tmp_path / "edited", source[1:4])
-    code = main(["eval", "--source", str(tmp_path / "source"), "--edited", str(tmp_path / "edited"),
-                 "--prompt", "a car", "--clip-model", str(tiny_models["clip"]), "--device", "cpu",
-                 "--frames", "1:4", "--json", "-"])
+    code = main(
+        [
+            "eval",
+            "--source",
+            str(tmp_path / "source"),
+            "--edited",
+            str(tmp_path / "edited"),
+            "--prompt",
+            "a car",
+            "--clip-model",
+            str(tiny_models["clip"]),
+            "--device",
+            "cpu",
+            "--frames",
+            "1:4",
+            "--json",
+            "-",
+        ]
+    )
     assert code == 0
     values = json.loads(capsys.readouterr().out)
     assert values["frames"] == 3 and values["pixel_mse"] < 5.0
@@ -285,8 +322,21 @@ def test_p2v_eval_refuses_mismatched_clips(tiny_models, tmp_path, capsys, edited
     source = panning_clip(4)
     write_png_clip(tmp_path / "source", source)
     write_png_clip(tmp_path / "edited", [np.ascontiguousarray(f) for f in edited_frames(source)])
-    code = main(["eval", "--source", str(tmp_path / "source"), "--edited", str(tmp_path / "edited"),
-                 "--prompt", "a car", "--clip-model", str(tiny_models["clip"]), "--device", "cpu"])
+    code = main(
+        [
+            "eval",
+            "--source",
+            str(tmp_path / "source"),
+            "--edited",
+            str(tmp_path / "edited"),
+            "--prompt",
+            "a car",
+            "--clip-model",
+            str(tiny_models["clip"]),
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert err.startswith("p2v: error: ") and message in err

@@ -15,7 +15,8 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from p2v_runtime import protocol as P
 
@@ -71,7 +72,11 @@ def test_round_trip_of_payload_messages(kind):
     assert size == 5 * 3 * (4 if kind == "depth" else 3)
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
     message, used = P.decode(P.pack(header, payload))
-    assert message.payload == payload and message["index"] == 7 and used == P.PREFIX_SIZE + len(json.dumps(header, separators=(",", ":"))) + size
+    assert (
+        message.payload == payload
+        and message["index"] == 7
+        and used == P.PREFIX_SIZE + len(json.dumps(header, separators=(",", ":"))) + size
+    )
 
 
 def test_the_set_of_types_matches_the_docs():
@@ -232,8 +237,12 @@ json_values = st.recursive(
 arbitrary_messages = st.one_of(
     st.binary(max_size=200),
     st.builds(raw, st.binary(max_size=120), st.binary(max_size=60)),
-    st.builds(lambda header, payload, cut: raw(header, payload)[:cut], st.binary(max_size=120),
-              st.binary(max_size=60), st.integers(0, 200)),
+    st.builds(
+        lambda header, payload, cut: raw(header, payload)[:cut],
+        st.binary(max_size=120),
+        st.binary(max_size=60),
+        st.integers(0, 200),
+    ),
 )
 
 
@@ -247,7 +256,11 @@ def test_arbitrary_bytes_either_decode_or_raise_protocol_error(data):
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.sampled_from(sorted(P.SCHEMAS)), st.dictionaries(st.text(max_size=10), json_values, max_size=6), st.binary(max_size=64))
+@given(
+    st.sampled_from(sorted(P.SCHEMAS)),
+    st.dictionaries(st.text(max_size=10), json_values, max_size=6),
+    st.binary(max_size=64),
+)
 def test_arbitrary_headers_either_validate_or_raise_protocol_error(kind, fields, payload):
     header = dict(fields, type=kind)
     data = raw(json.dumps(header).encode(), payload)
@@ -261,7 +274,12 @@ def test_arbitrary_headers_either_validate_or_raise_protocol_error(kind, fields,
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(1, 40), st.integers(1, 40), st.integers(0, P.MAX_FRAMES - 1), st.sampled_from(["frame", "result", "depth"]))
+@given(
+    st.integers(1, 40),
+    st.integers(1, 40),
+    st.integers(0, P.MAX_FRAMES - 1),
+    st.sampled_from(["frame", "result", "depth"]),
+)
 def test_any_allowed_frame_round_trips(width, height, index, kind):
     header = P.frame_header(kind, index, width, height)
     payload = os.urandom(P.payload_size(header))
@@ -280,8 +298,12 @@ def test_any_prefix_is_checked_before_use(header_len, payload_len, magic, versio
     # Accepted exactly when magic, version and both lengths are within the limits, and then the
     # lengths are the announced ones; a random magic alone would (almost) never reach acceptance.
     data = P.PREFIX.pack(magic, version, header_len, payload_len)
-    usable = (magic == P.MAGIC and version == P.PROTOCOL_VERSION and 0 < header_len <= P.MAX_HEADER_BYTES
-              and payload_len <= P.MAX_PAYLOAD_BYTES)
+    usable = (
+        magic == P.MAGIC
+        and version == P.PROTOCOL_VERSION
+        and 0 < header_len <= P.MAX_HEADER_BYTES
+        and payload_len <= P.MAX_PAYLOAD_BYTES
+    )
     if usable:
         assert P.parse_prefix(data) == (header_len, payload_len)
     else:
@@ -333,7 +355,10 @@ def test_protocol_and_client_import_only_the_standard_library(name):
 
 
 def test_importing_protocol_and_client_loads_neither_numpy_nor_torch():
-    code = "import sys, p2v_runtime.protocol, p2v_runtime.client; print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))"
+    code = (
+        "import sys, p2v_runtime.protocol, p2v_runtime.client; "
+        "print(sorted(m for m in ('numpy', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -361,7 +386,8 @@ def test_vendored_copies_work_in_a_package_and_as_top_level_modules(tmp_path):
         print("ok")
         """
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(flat)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path), str(flat)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"

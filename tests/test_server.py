@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 
 from p2v_runtime import protocol as P
-from p2v_runtime.client import Client, ConnectionLost, RemoteError, ServerBusy, add_ping_arguments, edit_on_server, ping_main
+from p2v_runtime.client import (
+    Client,
+    ConnectionLost,
+    RemoteError,
+    ServerBusy,
+    add_ping_arguments,
+    edit_on_server,
+    ping_main,
+)
 from p2v_runtime.server import Server, add_serve_arguments
 from p2v_runtime.server.cli import runner_named
 from p2v_runtime.server.echo import EchoOptions, echo_job_runner, echo_options
@@ -37,10 +45,26 @@ TOKEN_ENV = {k: v for k, v in os.environ.items() if k != "P2V_TOKEN"}
 
 class RunningServer:
     def __init__(self, *args: str, env: dict | None = None):
-        cmd = [sys.executable, "-m", "p2v_runtime.server", "--job-runner", "echo", "--read-timeout", "1",
-               "--frame-timeout", "3", *args]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=TOKEN_ENV if env is None else env)
+        cmd = [
+            sys.executable,
+            "-m",
+            "p2v_runtime.server",
+            "--job-runner",
+            "echo",
+            "--read-timeout",
+            "1",
+            "--frame-timeout",
+            "3",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=TOKEN_ENV if env is None else env,
+        )
         self.stderr_lines: list[str] = []
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         line = _readline_with_timeout(self.proc.stdout, 30)
@@ -178,8 +202,14 @@ def assert_serving(running: RunningServer) -> None:
 
 
 def job_header(frames=2, width=4, height=4, depth=False, **settings) -> dict:
-    return {"type": "job", "settings": {"prompt": "x", **settings}, "frames": frames, "width": width,
-            "height": height, "depth": depth}
+    return {
+        "type": "job",
+        "settings": {"prompt": "x", **settings},
+        "frames": frames,
+        "width": width,
+        "height": height,
+        "depth": depth,
+    }
 
 
 def open_job(running: RunningServer, **kw) -> socket.socket:
@@ -226,16 +256,25 @@ def test_token_from_environment_or_file_is_not_printed(fresh_server, tmp_path):
     ],
 )
 def test_non_loopback_without_allow_remote_and_token_is_refused(args, env, needle):
-    out = subprocess.run([sys.executable, "-m", "p2v_runtime.server", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=30, env=dict(TOKEN_ENV, **env))
+    out = subprocess.run(
+        [sys.executable, "-m", "p2v_runtime.server", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=dict(TOKEN_ENV, **env),
+    )
     assert out.returncode == 2
     assert out.stdout == ""
     assert needle in out.stderr and "\n" == out.stderr[-1] and out.stderr.count("\n") == 1
 
 
 def test_importing_the_server_loads_neither_torch_nor_numpy_nor_the_echo_runner():
-    code = ("import argparse, sys, p2v_runtime.server as s; s.add_serve_arguments(argparse.ArgumentParser()); "
-            "print(sorted(m for m in ('torch', 'numpy', 'p2v_runtime.editor', 'p2v_runtime.server.echo') if m in sys.modules))")
+    code = (
+        "import argparse, sys, p2v_runtime.server as s; s.add_serve_arguments(argparse.ArgumentParser()); "
+        "print(sorted(m for m in ('torch', 'numpy', 'p2v_runtime.editor', 'p2v_runtime.server.echo') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -255,8 +294,10 @@ def test_only_the_hidden_flag_selects_the_echo_runner():
     "prompt, options",
     [
         ("echo", EchoOptions()),
-        ("echo steps=3 delay=0.05 fail_at=2 warn=frames were\nresized",
-         EchoOptions(steps=3, delay=0.05, fail_at=2, warn="frames were\nresized")),
+        (
+            "echo steps=3 delay=0.05 fail_at=2 warn=frames were\nresized",
+            EchoOptions(steps=3, delay=0.05, fail_at=2, warn="frames were\nresized"),
+        ),
         ("warn=steps=9", EchoOptions(warn="steps=9")),
         ("steps=0 delay=5", EchoOptions(steps=1, delay=1.0)),
         ("steps=5000 delay=-1 steps=2.7", EchoOptions(steps=2)),
@@ -295,7 +336,9 @@ def test_echo_job_end_to_end(server):
     assert [m["index"] for m in results] == list(range(6))
     assert [bytes(m.payload) for m in results] == frames
     assert all(m["shape"] == [height, width, 3] and m["dtype"] == "uint8" for m in results)
-    assert progress and {m["stage"] for m in progress} == {"edit"} and progress[-1]["done"] == progress[-1]["total"] == 18
+    assert (
+        progress and {m["stage"] for m in progress} == {"edit"} and progress[-1]["done"] == progress[-1]["total"] == 18
+    )
     assert final.type == "done" and final["frames"] == 6
     stats = final["stats"]
     assert stats["model_load_seconds"] == 0.0 and stats["frames"] == 6
@@ -415,6 +458,7 @@ def test_cancel_from_another_thread_mid_upload(server):
     """The add-on's way: the UI thread cancels while the worker thread is still sending frames."""
     frames = rgb_frames(40, 8, 8)
     with server.client() as client:
+
         def frame(i):
             if i == 5:
                 threading.Thread(target=client.cancel).start()
@@ -428,8 +472,12 @@ def test_cancel_from_another_thread_mid_upload(server):
 
 def test_frames_in_flight_after_a_cancel_are_dropped(server):
     sock = open_job(server, frames=3, width=4, height=4)
-    sock.sendall(P.pack(P.frame_header("frame", 0, 4, 4), bytes(48)) + P.pack({"type": "cancel"})
-                 + P.pack(P.frame_header("frame", 1, 4, 4), bytes(48)) + P.pack({"type": "ping", "t": 2.0}))
+    sock.sendall(
+        P.pack(P.frame_header("frame", 0, 4, 4), bytes(48))
+        + P.pack({"type": "cancel"})
+        + P.pack(P.frame_header("frame", 1, 4, 4), bytes(48))
+        + P.pack({"type": "ping", "t": 2.0})
+    )
     sock.settimeout(5)
     seen = []
     while not seen or seen[-1].type != "pong":
@@ -531,13 +579,26 @@ def test_garbage_bytes(server):
         (P.PREFIX.pack(P.MAGIC, 1, P.MAX_HEADER_BYTES + 1, 0), P.E_HEADER_TOO_LARGE),
         (P.PREFIX.pack(P.MAGIC, 1, 15, 2**40) + b'{"type":"ping"}', P.E_PAYLOAD_TOO_LARGE),
         (P.pack({"type": "ping"}), P.E_NOT_AUTHENTICATED),
-        (P.pack({"type": "job", "settings": {}, "frames": 1, "width": 1, "height": 1, "depth": False}), P.E_NOT_AUTHENTICATED),
+        (
+            P.pack({"type": "job", "settings": {}, "frames": 1, "width": 1, "height": 1, "depth": False}),
+            P.E_NOT_AUTHENTICATED,
+        ),
         (P.pack({"type": "hello", "token": "wrong", "protocol": 1}), P.E_AUTH),
         (P.pack({"type": "hello", "token": "", "protocol": 1}), P.E_AUTH),
         (P.pack({"type": "hello", "token": "x", "protocol": 2}), P.E_VERSION),
     ],
-    ids=["wrong-magic", "wrong-version", "header-not-json", "header-over-limit", "payload-over-limit",
-         "message-before-hello", "job-before-hello", "wrong-token", "empty-token", "hello-wrong-version"],
+    ids=[
+        "wrong-magic",
+        "wrong-version",
+        "header-not-json",
+        "header-over-limit",
+        "payload-over-limit",
+        "message-before-hello",
+        "job-before-hello",
+        "wrong-token",
+        "empty-token",
+        "hello-wrong-version",
+    ],
 )
 def test_bad_first_messages(server, data, code):
     sock = connect(server.port)
@@ -552,8 +613,18 @@ def test_bad_first_messages(server, data, code):
         (P.PREFIX.pack(P.MAGIC, 1, 15, 3) + b'{"type":"ping"}xyz', P.E_BAD_LENGTH),
         (P.pack({"type": "result", "index": 0, "shape": [1, 1, 3], "dtype": "uint8"}, b"abc"), P.E_UNEXPECTED),
         (P.pack({"type": "launch_missiles"}), P.E_UNKNOWN_TYPE),
-        (P.pack({"type": "job", "settings": {"prompt": "x"}, "frames": 10**6, "width": 4, "height": 4, "depth": False}), P.E_LIMIT),
-        (P.pack({"type": "job", "settings": {"prompt": "x"}, "frames": 1, "width": 9000, "height": 4, "depth": False}), P.E_LIMIT),
+        (
+            P.pack(
+                {"type": "job", "settings": {"prompt": "x"}, "frames": 10**6, "width": 4, "height": 4, "depth": False}
+            ),
+            P.E_LIMIT,
+        ),
+        (
+            P.pack(
+                {"type": "job", "settings": {"prompt": "x"}, "frames": 1, "width": 9000, "height": 4, "depth": False}
+            ),
+            P.E_LIMIT,
+        ),
         (P.pack(P.frame_header("frame", 0, 4, 4), bytes(48)), P.E_ORDER),
     ],
     ids=["payload-on-ping", "server-message", "unknown-type", "too-many-frames", "frame-too-wide", "frame-without-job"],
@@ -725,7 +796,20 @@ def _random_json(rng: random.Random, depth: int = 0):
         return rng.choice(["", "ping", "frame", "hello", "uint8", "float32", "\u00e9\u4e2d", "x" * rng.randint(0, 100)])
     if choice in (6, 7):
         return [_random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
-    keys = ["type", "token", "protocol", "index", "shape", "dtype", "frames", "width", "height", "depth", "settings", "t"]
+    keys = [
+        "type",
+        "token",
+        "protocol",
+        "index",
+        "shape",
+        "dtype",
+        "frames",
+        "width",
+        "height",
+        "depth",
+        "settings",
+        "t",
+    ]
     return {rng.choice(keys): _random_json(rng, depth + 1) for _ in range(rng.randint(0, 6))}
 
 
@@ -779,10 +863,12 @@ def malformed_cases(seed: int, count: int):
             messages[i] = bytes(message)
             data = bytearray(b"".join(messages))
         elif how == 8:  # a header edited field by field
-            header = json.loads(messages[-1][16: 16 + P.PREFIX.unpack(messages[-1][:16])[2]])
+            header = json.loads(messages[-1][16 : 16 + P.PREFIX.unpack(messages[-1][:16])[2]])
             header[rng.choice(list(header))] = _random_json(rng)
             body = json.dumps(header).encode()
-            data = bytearray(b"".join(messages[:-1]) + P.PREFIX.pack(P.MAGIC, 1, len(body), rng.choice([0, 48, 64])) + body)
+            data = bytearray(
+                b"".join(messages[:-1]) + P.PREFIX.pack(P.MAGIC, 1, len(body), rng.choice([0, 48, 64])) + body
+            )
         else:  # a message of an unknown or server-only type
             header = json.dumps({"type": rng.choice(["result", "done", "error", "pickle", "__import__", ""])}).encode()
             data = bytearray(b"".join(messages[:1]) + P.PREFIX.pack(P.MAGIC, 1, len(header), 0) + header)
@@ -808,8 +894,9 @@ def _replies(sock: socket.socket) -> list[P.Message]:
 def test_fuzz_ten_thousand_malformed_conversations_in_process(tmp_path):
     """Each case goes through the server's real connection handler over a socket pair."""
     spool = tmp_path / "spool"
-    fuzz_server = Server(HOST, 0, token=FUZZ_TOKEN, job_runner=echo_job_runner, read_timeout=0.5,
-                         frame_timeout=0.5, spool_dir=str(spool))
+    fuzz_server = Server(
+        HOST, 0, token=FUZZ_TOKEN, job_runner=echo_job_runner, read_timeout=0.5, frame_timeout=0.5, spool_dir=str(spool)
+    )
     codes: dict[str, int] = {}
     threads_before = threading.active_count()
     for data in malformed_cases(seed=20240601, count=10_000):
@@ -916,7 +1003,9 @@ def test_kill_minus_nine_mid_job_raises_a_clear_error_and_keeps_results(fresh_se
                         os.kill(running.proc.pid, signal.SIGKILL)
     assert len(received) >= 3 and received == frames[: len(received)]
     assert info.value.results_received == len(received)
-    assert "lost the connection to the runtime" in str(info.value) and f"after {len(received)} result" in str(info.value)
+    assert "lost the connection to the runtime" in str(info.value) and f"after {len(received)} result" in str(
+        info.value
+    )
     running.proc.wait(10)
 
 
@@ -967,25 +1056,36 @@ def test_edit_on_server_matches_the_local_interface(server, monkeypatch):
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(4)]
     progress, stats, warnings = [], P.EditStats(), []
-    remote = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays),
-                            EditSettings(prompt="echo steps=2 warn=frames\nresized"),
-                            progress=lambda *p: progress.append(p), stats=stats, warn=warnings.append)
+    remote = edit_on_server(
+        f"{HOST}:{server.port}",
+        ArrayFrames(arrays),
+        EditSettings(prompt="echo steps=2 warn=frames\nresized"),
+        progress=lambda *p: progress.append(p),
+        stats=stats,
+        warn=warnings.append,
+    )
     got = list(remote)
     assert remote.stats is stats and warnings == ["frames resized"]
     assert [i for i, _ in got] == [0, 1, 2, 3]
-    assert all(isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (24, 40, 3) for _, image in got)
+    assert all(
+        isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (24, 40, 3) for _, image in got
+    )
     assert all(np.array_equal(image, arrays[i]) for i, image in got)
     assert progress[-1] == ("edit", 8, 8) and stats.frames == 4 and stats.model_load_seconds == 0.0
     assert stats.bytes_in >= sum(a.nbytes for a in arrays) and stats.bytes_out >= sum(a.nbytes for a in arrays)
     unasked = edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="echo"))
     assert len(list(unasked)) == 4 and isinstance(unasked.stats, P.EditStats) and unasked.stats.frames == 4
     depth = ArrayFrames([np.full((24, 40), i, dtype=np.float32) for i in range(4)])
-    assert len(list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x"), depth=depth))) == 4
+    assert (
+        len(list(edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays), EditSettings(prompt="x"), depth=depth)))
+        == 4
+    )
     cancel = threading.Event()
     received = []
     with pytest.raises(EditCancelled):
-        for index, _ in edit_on_server(f"{HOST}:{server.port}", ArrayFrames(arrays * 5),
-                                       EditSettings(prompt="echo delay=0.02"), cancel=cancel):
+        for index, _ in edit_on_server(
+            f"{HOST}:{server.port}", ArrayFrames(arrays * 5), EditSettings(prompt="echo delay=0.02"), cancel=cancel
+        ):
             received.append(index)
             cancel.set()
     assert received and received == list(range(len(received)))
@@ -1005,8 +1105,24 @@ def test_cli_edit_on_a_server_writes_its_stats(server, monkeypatch, tmp_path):
         Image.fromarray(np.full((16, 16, 3), index * 40, np.uint8)).save(clip / f"{index:03d}.png")
     monkeypatch.setenv("P2V_TOKEN", server.token)
     stats_file = tmp_path / "stats.json"
-    assert cli.main(["edit", str(clip), "--out", str(tmp_path / "out"), "--prompt", "echo", "--quiet",
-                     "--server", f"{HOST}:{server.port}", "--stats", str(stats_file)]) == 0
+    assert (
+        cli.main(
+            [
+                "edit",
+                str(clip),
+                "--out",
+                str(tmp_path / "out"),
+                "--prompt",
+                "echo",
+                "--quiet",
+                "--server",
+                f"{HOST}:{server.port}",
+                "--stats",
+                str(stats_file),
+            ]
+        )
+        == 0
+    )
     stats = P.EditStats.from_dict(json.loads(stats_file.read_text()))
     assert stats.frames == 2 and stats.bytes_in > 2 * 16 * 16 * 3
 
@@ -1022,8 +1138,16 @@ def test_real_edit_job_matches_a_local_edit_bit_for_bit(request, tmp_path):
     from p2v_runtime.settings import EditSettings
 
     models = request.getfixturevalue("tiny_models")  # conftest: built once per checkout
-    settings = EditSettings(prompt="a red car", model=str(models["sd2-depth"]), captioner=str(models["blip"]),
-                            size=64, steps=3, device="cpu", dtype="fp32", cache_dir=str(tmp_path / "cache"))
+    settings = EditSettings(
+        prompt="a red car",
+        model=str(models["sd2-depth"]),
+        captioner=str(models["blip"]),
+        size=64,
+        steps=3,
+        device="cpu",
+        dtype="fp32",
+        cache_dir=str(tmp_path / "cache"),
+    )
     rng = np.random.default_rng(1)
     arrays = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)]
 
@@ -1068,16 +1192,38 @@ def _cli_edit_local_and_on_server(tmp_path, arrays, settings, address, token):
 
     clip = tmp_path / "clip"
     clip.mkdir()
-    for index, array in enumerate(arrays):
-        Image.fromarray(array).save(clip / f"{index:03d}.png")
+    for index, frame in enumerate(arrays):
+        Image.fromarray(frame).save(clip / f"{index:03d}.png")
     outputs = []
     for where in ([], ["--server", address]):
         out = tmp_path / ("server-out" if where else "local-out")
         depth = tmp_path / ("server-depth" if where else "local-depth")
-        args = ["edit", str(clip), "--out", str(out), "--prompt", settings.prompt, "--model", settings.model,
-                "--captioner", settings.captioner, "--size", str(settings.size), "--steps", str(settings.steps),
-                "--device", "cpu", "--dtype", "fp32", "--cache-dir", settings.cache_dir, "--quiet",
-                "--save-depth", str(depth), *where]
+        args = [
+            "edit",
+            str(clip),
+            "--out",
+            str(out),
+            "--prompt",
+            settings.prompt,
+            "--model",
+            settings.model,
+            "--captioner",
+            settings.captioner,
+            "--size",
+            str(settings.size),
+            "--steps",
+            str(settings.steps),
+            "--device",
+            "cpu",
+            "--dtype",
+            "fp32",
+            "--cache-dir",
+            settings.cache_dir,
+            "--quiet",
+            "--save-depth",
+            str(depth),
+            *where,
+        ]
         previous = os.environ.get("P2V_TOKEN")
         os.environ["P2V_TOKEN"] = token
         try:

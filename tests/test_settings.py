@@ -12,10 +12,10 @@ import dataclasses
 import sys
 
 import pytest
+from settings_cases import bad_values, refusal
 
 from p2v_runtime import cli
 from p2v_runtime import settings as schema
-from settings_cases import bad_values, refusal
 
 REPO = cli.__file__.rsplit("/p2v_runtime/", 1)[0]
 
@@ -114,18 +114,21 @@ def test_text_that_is_not_a_number_is_refused_in_the_schema_words():
         schema.parse_text("guidance", "high")
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"prompt": " "}, "Prompt (--prompt) is empty"),
-    ({"prompt": "x", "steps": 0}, "Steps (--steps) must be between 1 and 500, got 0"),
-    ({"prompt": "x", "steps": 2.5}, "Steps (--steps) must be a whole number, got 2.5"),
-    ({"prompt": "x", "steps": True}, "Steps (--steps) must be a whole number, got True"),
-    ({"prompt": "x", "size": 100}, "Size (--size) must be a multiple of 64, got 100"),
-    ({"prompt": "x", "guidance": float("nan")}, "Guidance (--guidance) must be a number, got nan"),
-    ({"prompt": "x", "device": "tpu"}, "Device (--device) must be one of auto, cuda, mps, cpu; got 'tpu'"),
-    ({"prompt": "x", "frames": "5:5"}, "Frames (--frames) 5:5 selects no frames"),
-    ({"prompt": 5}, "Prompt (--prompt) must be text, got 5"),
-    ({"prompt": "x", "seed": 1}, "unknown setting(s): seed"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"prompt": " "}, "Prompt (--prompt) is empty"),
+        ({"prompt": "x", "steps": 0}, "Steps (--steps) must be between 1 and 500, got 0"),
+        ({"prompt": "x", "steps": 2.5}, "Steps (--steps) must be a whole number, got 2.5"),
+        ({"prompt": "x", "steps": True}, "Steps (--steps) must be a whole number, got True"),
+        ({"prompt": "x", "size": 100}, "Size (--size) must be a multiple of 64, got 100"),
+        ({"prompt": "x", "guidance": float("nan")}, "Guidance (--guidance) must be a number, got nan"),
+        ({"prompt": "x", "device": "tpu"}, "Device (--device) must be one of auto, cuda, mps, cpu; got 'tpu'"),
+        ({"prompt": "x", "frames": "5:5"}, "Frames (--frames) 5:5 selects no frames"),
+        ({"prompt": 5}, "Prompt (--prompt) must be text, got 5"),
+        ({"prompt": "x", "seed": 1}, "unknown setting(s): seed"),
+    ],
+)
 def test_bad_values_are_refused_with_one_line(values, message):
     with pytest.raises(schema.SettingsError) as excinfo:
         schema.EditSettings.from_dict(values)
@@ -153,9 +156,15 @@ def test_the_wire_carries_only_what_the_runtime_uses():
         schema.EditSettings.from_wire(["x"])
 
 
-@pytest.mark.parametrize("text, count, expected", [
-    ("", 10, range(10)), ("2:5", 10, range(2, 5)), ("7:", 10, range(7, 10)), (":3", 10, range(0, 3)),
-])
+@pytest.mark.parametrize(
+    "text, count, expected",
+    [
+        ("", 10, range(10)),
+        ("2:5", 10, range(2, 5)),
+        ("7:", 10, range(7, 10)),
+        (":3", 10, range(0, 3)),
+    ],
+)
 def test_frame_range_selects(text, count, expected):
     assert schema.frame_range(text, count) == expected
 

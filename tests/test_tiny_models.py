@@ -81,7 +81,6 @@ def test_vae_downsamples_by_8(depth_pipe):
     assert depth_pipe.vae.config.latent_channels == 4
 
 
-
 @pytest.mark.slow
 def test_scaled_latents_have_unit_variance_like_sd(depth_pipe):
     # SD's 0.18215 makes its latents unit-variance; the tiny VAE's factor is calibrated the same way.
@@ -164,8 +163,9 @@ def test_clip_features_have_the_projection_size(tiny, image):
     processor = CLIPProcessor.from_pretrained(tiny["clip"])
     size = model.config.projection_dim
     with torch.no_grad():
-        text = _features(model.get_text_features(**processor(text=["a dog", "a cat on a mat"], padding=True,
-                                                                  return_tensors="pt")))
+        text = _features(
+            model.get_text_features(**processor(text=["a dog", "a cat on a mat"], padding=True, return_tensors="pt"))
+        )
         pixels = _features(model.get_image_features(**processor(images=[image, image], return_tensors="pt")))
     assert text.shape == (2, size)
     assert pixels.shape == (2, size)

@@ -28,18 +28,33 @@ import subprocess
 import threading
 from pathlib import Path
 
+import blender_helpers as bh
 import numpy as np
 import pytest
-
-import blender_helpers as bh
 
 REPO = bh.REPO
 VERSIONS = ("5.0", "4.2")
 SCENARIOS = (
-    "zpass_setup", "zpass_frames", "zpass_problems", "zpass_record", "zpass_local", "zpass_echo", "zpass_cancel",
-    "zpass_error_mid_render", "zpass_panel", "zpass_operator", "video_output", "bad_zpass_self", "bad_zpass_no_camera",
-    "bad_zpass_all_background", "bad_zpass_nan", "bad_zpass_neginf", "bad_zpass_movie",
-    "bad_zpass_sequencer_input", "bad_zpass_framing", "zpass_save_blend",
+    "zpass_setup",
+    "zpass_frames",
+    "zpass_problems",
+    "zpass_record",
+    "zpass_local",
+    "zpass_echo",
+    "zpass_cancel",
+    "zpass_error_mid_render",
+    "zpass_panel",
+    "zpass_operator",
+    "video_output",
+    "bad_zpass_self",
+    "bad_zpass_no_camera",
+    "bad_zpass_all_background",
+    "bad_zpass_nan",
+    "bad_zpass_neginf",
+    "bad_zpass_movie",
+    "bad_zpass_sequencer_input",
+    "bad_zpass_framing",
+    "zpass_save_blend",
 )
 W, H = 80, 48
 PX_PER_UNIT = W / 8.0  # orthographic scale 8 across the width
@@ -100,23 +115,32 @@ class Recorder:
         self.thread = threading.Thread(target=self.server.serve_forever, name="zpass-recorder", daemon=True)
         self.thread.start()
 
-    def run(self, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None,
-            depth_sink=None):
+    def run(self, frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None, depth_sink=None):
         from p2v_runtime.editor import edit_clip
         from p2v_runtime.frames import depth_png_writer
 
         folder = self.root / f"job{next(self._ids):02d}"
         folder.mkdir()
-        (folder / "job.json").write_text(json.dumps({"prompt": settings.prompt, "depth": depth is not None,
-                                                     "count": len(frames), "size": list(frames.size)}))
-        yield from edit_clip(_Recording(frames, folder, "rgb"), settings,
-                             depth=None if depth is None else _Recording(depth, folder, "z"), progress=progress,
-                             cancel=cancel, stats=stats, warn=warn,
-                             depth_sink=_both(depth_png_writer(folder / "saved-depth"), depth_sink))
+        (folder / "job.json").write_text(
+            json.dumps(
+                {"prompt": settings.prompt, "depth": depth is not None, "count": len(frames), "size": list(frames.size)}
+            )
+        )
+        yield from edit_clip(
+            _Recording(frames, folder, "rgb"),
+            settings,
+            depth=None if depth is None else _Recording(depth, folder, "z"),
+            progress=progress,
+            cancel=cancel,
+            stats=stats,
+            warn=warn,
+            depth_sink=_both(depth_png_writer(folder / "saved-depth"), depth_sink),
+        )
 
     def job(self, prompt: str) -> Path:
-        found = [p.parent for p in sorted(self.root.glob("job*/job.json"))
-                 if json.loads(p.read_text())["prompt"] == prompt]
+        found = [
+            p.parent for p in sorted(self.root.glob("job*/job.json")) if json.loads(p.read_text())["prompt"] == prompt
+        ]
         assert len(found) == 1, (prompt, found)
         return found[0]
 
@@ -154,10 +178,17 @@ def results(request, built_addon, tiny_models, recorder, tmp_path_factory) -> di
         pytest.skip(f"bpy {version} is not installed (scripts/test.sh makes it)")
     work = tmp_path_factory.mktemp(f"zpass-{version}")
     media_dir = bh.make_media(work / "media")
-    config = dict(zip=str(built_addon["extension"]), media=str(media_dir), model=str(tiny_models["sd2-depth"]),
-                  captioner=str(tiny_models["blip"]), runtime_python=str(bh.RUNTIME_PYTHON),
-                  base_python=bh.base_python(), scenarios=list(SCENARIOS), recorder=recorder.config(),
-                  record_prompt=record_prompt(version))
+    config = dict(
+        zip=str(built_addon["extension"]),
+        media=str(media_dir),
+        model=str(tiny_models["sd2-depth"]),
+        captioner=str(tiny_models["blip"]),
+        runtime_python=str(bh.RUNTIME_PYTHON),
+        base_python=bh.base_python(),
+        scenarios=list(SCENARIOS),
+        recorder=recorder.config(),
+        record_prompt=record_prompt(version),
+    )
     found = bh.run_scenarios(version, config, work / "run")
     found["_version"] = version
     found["_work"] = str(work / "run")
@@ -190,7 +221,7 @@ def _expected_column(scene_frame: int, flipped: bool = False) -> float:
 
 
 def test_zpass_of_known_geometry(results):
-    found = outcome(results, "zpass_frames")
+    outcome(results, "zpass_frames")  # the scenario ran without an exception
     for label in ("preview", "scene", "workbench", "eevee"):
         for scene_frame, z in zip((2, 3, 4), _frames(results, label, "z")):
             assert z.shape == (H, W) and z.dtype == np.float32
@@ -244,8 +275,14 @@ def test_retimed_strip_gets_the_depth_of_the_frames_it_shows(results):
 
 def test_zpass_render_leaves_the_scenes_as_they_were(results):
     assert outcome(results, "zpass_frames")["settings_changes"] == []
-    for name in ("zpass_record", "zpass_local", "zpass_echo", "zpass_cancel", "zpass_error_mid_render",
-                 "zpass_operator"):
+    for name in (
+        "zpass_record",
+        "zpass_local",
+        "zpass_echo",
+        "zpass_cancel",
+        "zpass_error_mid_render",
+        "zpass_operator",
+    ):
         assert outcome(results, name)["settings_changes"] == [], name
 
 
@@ -256,7 +293,8 @@ def test_quick_preview_renders_fewer_samples_without_denoising(results):
     assert found["geo_samples"] == {"cycles": 16, "eevee": 64}  # the user's scene (Blender's Eevee default)
     assert found["denoising_scene"] is True
     scene, preview, preview_denoising_scene, eevee = (
-        found[label]["renders"] for label in ("scene", "preview", "preview_denoising_scene", "eevee"))
+        found[label]["renders"] for label in ("scene", "preview", "preview_denoising_scene", "eevee")
+    )
     assert len(scene) == len(preview) == len(preview_denoising_scene) == len(eevee) == 3, "one render a frame"
     for render in scene:  # as the scene is set
         assert (render["engine"], render["cycles_samples"], render["rendered_samples"]) == ("CYCLES", 16, [16, 16])
@@ -307,7 +345,7 @@ def test_runtime_receives_the_zpass_and_edits_with_it(results, recorder):
         # --save-depth: the normalised depth the UNet was given, near = bright, on the latent grid.
         saved = _read_grey(job / "saved-depth" / f"{index:06d}.png")
         assert saved.shape == (8, 16)  # 80x48 at size 128 works at 128x64
-        box = saved[3:5, int(column * 16 / W) - 1:int(column * 16 / W) + 1].mean()
+        box = saved[3:5, int(column * 16 / W) - 1 : int(column * 16 / W) + 1].mean()
         assert box > saved[0, :].mean() + 20000 and box > saved[-1, :].mean() + 20000
 
 
@@ -415,13 +453,47 @@ def test_headless_zpass_edit_through_a_server(results, recorder, tiny_models, tm
     prompt = f"a marble tower, headless {version}"
     env = bh.bpy_env(tmp_path / "blender-user")
     done = subprocess.run(
-        [str(python), str(REPO / "scripts" / "p2v_blender.py"), "--blend", str(blend), "--scene", "Edit",
-         "--strip", "geo", "--prompt", prompt, "--depth", "zpass", "--zpass-render", "preview",
-         "--server", f"{recorder.host}:{recorder.port}", "--token-file", str(token_file),
-         "--model", str(tiny_models["sd2-depth"]), "--device", "cpu", "--steps", "2", "--size", "128",
-         "--source-prompt", "a box on the ground", "--cache-dir", str(tmp_path / "cache"),
-         "--save-depth", str(tmp_path / "depth-used"), "--stats", str(tmp_path / "stats.json")],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            str(python),
+            str(REPO / "scripts" / "p2v_blender.py"),
+            "--blend",
+            str(blend),
+            "--scene",
+            "Edit",
+            "--strip",
+            "geo",
+            "--prompt",
+            prompt,
+            "--depth",
+            "zpass",
+            "--zpass-render",
+            "preview",
+            "--server",
+            f"{recorder.host}:{recorder.port}",
+            "--token-file",
+            str(token_file),
+            "--model",
+            str(tiny_models["sd2-depth"]),
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--size",
+            "128",
+            "--source-prompt",
+            "a box on the ground",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--save-depth",
+            str(tmp_path / "depth-used"),
+            "--stats",
+            str(tmp_path / "stats.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("p2v_blender: ")]
     assert "depth: Z pass (preview)" in lines[0] and "Edited 3 frame(s)" in lines[-1]
@@ -434,13 +506,35 @@ def test_headless_zpass_edit_through_a_server(results, recorder, tiny_models, tm
     for index in range(3):
         name = f"{index:06d}.png"
         ours, runtime = _png16(tmp_path / "depth-used" / name), _png16(job / "saved-depth" / name)
-        assert ours.ndim == 2 and ours.shape == runtime.shape and np.array_equal(ours, runtime) and ours.max() > ours.min()
+        assert (
+            ours.ndim == 2 and ours.shape == runtime.shape and np.array_equal(ours, runtime) and ours.max() > ours.min()
+        )
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["frames"] == 3 and stats["depth_source"] == "file"
     refused = subprocess.run(
-        [str(python), str(REPO / "scripts" / "p2v_blender.py"), "--blend", str(blend), "--scene", "Edit",
-         "--strip", "img", "--prompt", "x", "--depth", "zpass", "--server", f"{recorder.host}:{recorder.port}",
-         "--token-file", str(token_file)], capture_output=True, text=True, timeout=300, env=env)
+        [
+            str(python),
+            str(REPO / "scripts" / "p2v_blender.py"),
+            "--blend",
+            str(blend),
+            "--scene",
+            "Edit",
+            "--strip",
+            "img",
+            "--prompt",
+            "x",
+            "--depth",
+            "zpass",
+            "--server",
+            f"{recorder.host}:{recorder.port}",
+            "--token-file",
+            str(token_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     errors = [line for line in refused.stderr.splitlines() if line.startswith("p2v_blender: error:")]
     assert refused.returncode == 1 and len(errors) == 1 and "needs a scene strip" in errors[0]
 

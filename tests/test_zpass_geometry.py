@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 pytest.importorskip("OpenEXR")
 
@@ -94,12 +93,37 @@ def test_saved_depth_of_a_zpass_edit_shows_the_cube_brighter(rendered, tiny_mode
     used = tmp_path / "used"
     result = subprocess.run(
         [
-            sys.executable, "-m", "p2v_runtime.cli", "edit", str(frames), "--out", str(tmp_path / "out"),
-            "--prompt", "a stone tower", "--source-prompt", "a box", "--model", str(tiny_models["sd2-depth"]),
-            "--size", "64", "--steps", "2", "--device", "cpu", "--quiet", "--depth", str(depth),
-            "--save-depth", str(used), "--cache-dir", str(tmp_path / "cache"),
+            sys.executable,
+            "-m",
+            "p2v_runtime.cli",
+            "edit",
+            str(frames),
+            "--out",
+            str(tmp_path / "out"),
+            "--prompt",
+            "a stone tower",
+            "--source-prompt",
+            "a box",
+            "--model",
+            str(tiny_models["sd2-depth"]),
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--depth",
+            str(depth),
+            "--save-depth",
+            str(used),
+            "--cache-dir",
+            str(tmp_path / "cache"),
         ],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
     saved = np.asarray(Image.open(used / "000000.png"), dtype=np.float64)

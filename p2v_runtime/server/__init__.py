@@ -22,6 +22,12 @@ from .server import Server, is_loopback
 from .spool import SpooledFrames
 
 __all__ = [
-    "JobRunner", "Server", "SpooledFrames", "add_serve_arguments", "edit_job_runner", "is_loopback", "main",
+    "JobRunner",
+    "Server",
+    "SpooledFrames",
+    "add_serve_arguments",
+    "edit_job_runner",
+    "is_loopback",
+    "main",
     "serve_main",
 ]

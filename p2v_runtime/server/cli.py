@@ -37,18 +37,43 @@ def runner_named(name: str) -> JobRunner:
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (see the ready line)")
-    parser.add_argument("--allow-remote", action="store_true",
-                        help="allow a non-loopback --host; needs a token from P2V_TOKEN or --token-file")
-    parser.add_argument("--idle-timeout", type=float, default=None, metavar="S",
-                        help="exit after S seconds with no job and no message from any client")
-    parser.add_argument("--token-file", default=None,
-                        help="file holding the token clients must send (default: $P2V_TOKEN, else a random one on loopback)")
-    parser.add_argument("--spool-dir", default=None, help="folder for job folders of spooled frames (default: the temp folder)")
-    parser.add_argument("--read-timeout", type=float, default=DEFAULT_READ_TIMEOUT, metavar="S",
-                        help="close a connection that stalls mid-message or sends no hello for S seconds")
-    parser.add_argument("--frame-timeout", type=float, default=DEFAULT_FRAME_TIMEOUT, metavar="S",
-                        help="cancel a job whose client sends no frame for S seconds mid-upload")
+    parser.add_argument(
+        "--port", type=int, default=0, help="port to listen on; 0 picks a free one (see the ready line)"
+    )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --host; needs a token from P2V_TOKEN or --token-file",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="exit after S seconds with no job and no message from any client",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help="file holding the token clients must send (default: $P2V_TOKEN, else a random one on loopback)",
+    )
+    parser.add_argument(
+        "--spool-dir", default=None, help="folder for job folders of spooled frames (default: the temp folder)"
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        metavar="S",
+        help="close a connection that stalls mid-message or sends no hello for S seconds",
+    )
+    parser.add_argument(
+        "--frame-timeout",
+        type=float,
+        default=DEFAULT_FRAME_TIMEOUT,
+        metavar="S",
+        help="cancel a job whose client sends no frame for S seconds mid-upload",
+    )
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help=argparse.SUPPRESS)
     parser.add_argument("--job-runner", choices=JOB_RUNNERS, default="edit", help=argparse.SUPPRESS)
 
@@ -82,24 +107,41 @@ def serve_main(args: argparse.Namespace) -> int:
         return 2
     if not is_loopback(args.host):
         if not args.allow_remote:
-            print(f"p2v serve: refusing to listen on {args.host!r}, which is not a loopback address: "
-                  "pass --allow-remote and set P2V_TOKEN or --token-file", file=sys.stderr)
+            print(
+                f"p2v serve: refusing to listen on {args.host!r}, which is not a loopback address: "
+                "pass --allow-remote and set P2V_TOKEN or --token-file",
+                file=sys.stderr,
+            )
             return 2
         if token is None:
-            print(f"p2v serve: refusing to listen on {args.host!r} without a token: set P2V_TOKEN or --token-file",
-                  file=sys.stderr)
+            print(
+                f"p2v serve: refusing to listen on {args.host!r} without a token: set P2V_TOKEN or --token-file",
+                file=sys.stderr,
+            )
             return 2
     generated = token is None
     if generated:
         token = secrets.token_urlsafe(32)
-    for name, value in (("--read-timeout", args.read_timeout), ("--frame-timeout", args.frame_timeout), ("--idle-timeout", args.idle_timeout)):
+    for name, value in (
+        ("--read-timeout", args.read_timeout),
+        ("--frame-timeout", args.frame_timeout),
+        ("--idle-timeout", args.idle_timeout),
+    ):
         if value is not None and not (math.isfinite(value) and value > 0):
             print(f"p2v serve: {name} must be a positive number of seconds, got {value}", file=sys.stderr)
             return 2
-    server = Server(args.host, args.port, token=token, job_runner=runner_named(args.job_runner),
-                    allow_remote=args.allow_remote, read_timeout=args.read_timeout,
-                    frame_timeout=args.frame_timeout, idle_timeout=args.idle_timeout,
-                    spool_dir=args.spool_dir, max_connections=max(1, args.max_connections))
+    server = Server(
+        args.host,
+        args.port,
+        token=token,
+        job_runner=runner_named(args.job_runner),
+        allow_remote=args.allow_remote,
+        read_timeout=args.read_timeout,
+        frame_timeout=args.frame_timeout,
+        idle_timeout=args.idle_timeout,
+        spool_dir=args.spool_dir,
+        max_connections=max(1, args.max_connections),
+    )
     try:
         host, port = server.bind()
     except (OSError, P2VError) as exc:

@@ -115,20 +115,33 @@ class Connection:
 
     def _on_hello(self, header: dict) -> None:
         if header["protocol"] != P.PROTOCOL_VERSION:
-            raise P.ProtocolError(P.E_VERSION, f"client speaks p2v protocol {header['protocol']}, this runtime speaks {P.PROTOCOL_VERSION}")
+            raise P.ProtocolError(
+                P.E_VERSION,
+                f"client speaks p2v protocol {header['protocol']}, this runtime speaks {P.PROTOCOL_VERSION}",
+            )
         if not self.server.check_token(header["token"]):
             log.warning("%s: wrong token", self.peer)
-            raise P.ProtocolError(P.E_AUTH, "wrong token: use the token the runtime was started with (P2V_TOKEN or --token-file)")
+            raise P.ProtocolError(
+                P.E_AUTH, "wrong token: use the token the runtime was started with (P2V_TOKEN or --token-file)"
+            )
         self.authed = True
-        self.writer.send({
-            "type": "hello_ok", "protocol": P.PROTOCOL_VERSION, "server": f"p2v-runtime {__version__}",
-            "pid": os.getpid(), "busy": self.server.current_job is not None,
-            "limits": {
-                "max_header_bytes": P.MAX_HEADER_BYTES, "max_payload_bytes": P.MAX_PAYLOAD_BYTES,
-                "max_frame_side": P.MAX_FRAME_SIDE, "max_frame_pixels": P.MAX_FRAME_PIXELS,
-                "max_frames": P.MAX_FRAMES, "window": self.server.window,
-            },
-        })
+        self.writer.send(
+            {
+                "type": "hello_ok",
+                "protocol": P.PROTOCOL_VERSION,
+                "server": f"p2v-runtime {__version__}",
+                "pid": os.getpid(),
+                "busy": self.server.current_job is not None,
+                "limits": {
+                    "max_header_bytes": P.MAX_HEADER_BYTES,
+                    "max_payload_bytes": P.MAX_PAYLOAD_BYTES,
+                    "max_frame_side": P.MAX_FRAME_SIDE,
+                    "max_frame_pixels": P.MAX_FRAME_PIXELS,
+                    "max_frames": P.MAX_FRAMES,
+                    "window": self.server.window,
+                },
+            }
+        )
 
     def _on_ping(self, header: dict) -> None:
         reply = {"type": "pong"}
@@ -153,7 +166,13 @@ class Connection:
 
     def _on_job(self, header: dict) -> None:
         if self.job is not None and not self.job.finished.is_set():
-            self.writer.send(P.error_header(P.E_BUSY, "this connection's previous job is still running; wait for its done, cancelled or error", False))
+            self.writer.send(
+                P.error_header(
+                    P.E_BUSY,
+                    "this connection's previous job is still running; wait for its done, cancelled or error",
+                    False,
+                )
+            )
             return
         count, width, height = header["frames"], header["width"], header["height"]
         if not 1 <= count <= P.MAX_FRAMES:
@@ -164,7 +183,7 @@ class Connection:
         except SettingsError as exc:
             self.writer.send(P.error_header(P.E_SETTINGS, str(exc), False))
             return
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - bad settings of any kind are the client's error
             self.writer.send(P.error_header(P.E_SETTINGS, f"unusable settings: {type(exc).__name__}: {exc}", False))
             return
         self.upload = None
@@ -174,7 +193,15 @@ class Connection:
             return
         job.send_depth = bool(header.get("send_depth", False))
         self.job = self.upload = job
-        log.info("job %s from %s: %d frame(s) %dx%d%s", job.id, self.peer, count, width, height, " with depth" if job.has_depth else "")
+        log.info(
+            "job %s from %s: %d frame(s) %dx%d%s",
+            job.id,
+            self.peer,
+            count,
+            width,
+            height,
+            " with depth" if job.has_depth else "",
+        )
         self.writer.send({"type": "job_ok", "job": job.id, "frames": count, "window": self.server.window})
         if settings.depth_norm == "frame":
             job.start()  # per-frame depth needs no clip statistics: edit while frames arrive
@@ -191,7 +218,9 @@ class Connection:
             raise P.ProtocolError(P.E_ORDER, f"expected {expected[0]} {expected[1]}, got {kind} {index}")
         spool = job.spools[kind]
         if tuple(header["shape"]) != spool.shape:
-            raise P.ProtocolError(P.E_BAD_SHAPE, f"{kind} {index} has shape {header['shape']}, the job's frames are {list(spool.shape)}")
+            raise P.ProtocolError(
+                P.E_BAD_SHAPE, f"{kind} {index} has shape {header['shape']}, the job's frames are {list(spool.shape)}"
+            )
         view = spool.receive_buffer()
         P.recv_exact_into(self.sock, view)
         self.bytes_in += payload_len

@@ -59,8 +59,9 @@ def echo_options(prompt: str) -> EchoOptions:
     )
 
 
-def echo_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None,
-                    depth_sink=None):
+def echo_job_runner(
+    frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None, depth_sink=None
+):
     """Yield ``(index, frame)`` for every frame, as the options in ``settings.prompt`` say."""
     options = echo_options(settings.prompt)
     if warn is not None and options.warn:

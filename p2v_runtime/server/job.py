@@ -13,7 +13,8 @@ import os
 import shutil
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from .. import protocol as P
 from ..errors import USER_ERRORS, EditCancelled, GpuOutOfMemory, InputError, ModelLoadError, P2VError
@@ -35,14 +36,23 @@ def settings_from_wire(values: dict) -> EditSettings:
     return EditSettings.from_wire(values)
 
 
-def edit_job_runner(frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None,
-                    depth_sink=None):
+def edit_job_runner(
+    frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None, depth_sink=None
+):
     """The real edit: ``editor.edit_clip``, imported on first use so the server starts fast."""
     from ..editor import edit_clip
 
     try:
-        yield from edit_clip(frames, settings, depth=depth, progress=progress, cancel=cancel, stats=stats, warn=warn,
-                             depth_sink=depth_sink)
+        yield from edit_clip(
+            frames,
+            settings,
+            depth=depth,
+            progress=progress,
+            cancel=cancel,
+            stats=stats,
+            warn=warn,
+            depth_sink=depth_sink,
+        )
     finally:
         _free_device_memory()
 
@@ -65,8 +75,18 @@ class Job:
     uploads the frames and sends the results (its ``writer``).
     """
 
-    def __init__(self, server, conn, job_id: str, settings: EditSettings,
-                 count: int, width: int, height: int, has_depth: bool, folder: str):
+    def __init__(
+        self,
+        server,
+        conn,
+        job_id: str,
+        settings: EditSettings,
+        count: int,
+        width: int,
+        height: int,
+        has_depth: bool,
+        folder: str,
+    ):
         self.server = server
         self.conn = conn
         self.id = job_id
@@ -164,8 +184,16 @@ class Job:
             frames = SpooledFrames(self, "frame")
             depth = SpooledFrames(self, "depth") if self.has_depth else None
             runner_options = {"depth_sink": self._send_depth} if self.send_depth else {}
-            iterator = self.server.job_runner(frames, self.settings, depth=depth, progress=self._progress,
-                                              cancel=self.cancel, stats=stats, warn=self._warn, **runner_options)
+            iterator = self.server.job_runner(
+                frames,
+                self.settings,
+                depth=depth,
+                progress=self._progress,
+                cancel=self.cancel,
+                stats=stats,
+                warn=self._warn,
+                **runner_options,
+            )
             for index, image in iterator:
                 if self.cancel.is_set():
                     raise EditCancelled(self.results_sent)
@@ -226,10 +254,15 @@ class Job:
 def _image_payload(image, width: int, height: int) -> memoryview:
     view = memoryview(image)
     expected = (height, width, 3)
-    if view.format not in ("B", "b", "c") or view.nbytes != width * height * 3 or (
-        view.ndim == 3 and tuple(view.shape) != expected
+    if (
+        view.format not in ("B", "b", "c")
+        or view.nbytes != width * height * 3
+        or (view.ndim == 3 and tuple(view.shape) != expected)
     ):
-        raise RuntimeError(f"the editor yielded an image of shape {tuple(view.shape)}, format {view.format!r}; expected {expected} uint8")
+        raise RuntimeError(
+            f"the editor yielded an image of shape {tuple(view.shape)}, format {view.format!r}; "
+            f"expected {expected} uint8"
+        )
     if not view.c_contiguous:
         view = memoryview(view.tobytes())
     return view.cast("B") if view.ndim != 1 or view.format != "B" else view
@@ -262,6 +295,6 @@ def _json_safe(value, depth: int = 0):
     if hasattr(value, "item"):  # numpy scalars
         try:
             return _json_safe(value.item(), depth + 1)
-        except Exception:
+        except Exception:  # noqa: BLE001 - stats stay JSON whatever a number type does
             pass
     return str(value)

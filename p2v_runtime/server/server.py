@@ -56,11 +56,21 @@ class Server:
     fill, ``warn(message)`` sends a ``warning`` to the client. The default is the real edit.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token: str,
-                 job_runner: JobRunner | None = None, allow_remote: bool = False,
-                 read_timeout: float = DEFAULT_READ_TIMEOUT, frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
-                 idle_timeout: float | None = None, spool_dir: str | None = None,
-                 max_connections: int = DEFAULT_MAX_CONNECTIONS, window: int = P.DEFAULT_WINDOW):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        token: str,
+        job_runner: JobRunner | None = None,
+        allow_remote: bool = False,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        frame_timeout: float = DEFAULT_FRAME_TIMEOUT,
+        idle_timeout: float | None = None,
+        spool_dir: str | None = None,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        window: int = P.DEFAULT_WINDOW,
+    ):
         if not token:
             raise ValueError("the server needs a token")
         self.host = host
@@ -101,8 +111,13 @@ class Server:
     def bind(self) -> tuple[str, int]:
         """Listen; refuse a non-loopback address unless ``allow_remote`` (the token is always set)."""
         if not is_loopback(self.host) and not self.allow_remote:
-            raise P2VError(f"refusing to listen on {self.host!r}: it is not a loopback address (pass --allow-remote and a token to serve other machines)")
-        family, type_, proto, _, addr = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            raise P2VError(
+                f"refusing to listen on {self.host!r}: it is not a loopback address "
+                "(pass --allow-remote and a token to serve other machines)"
+            )
+        family, type_, proto, _, addr = socket.getaddrinfo(
+            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
         listener = socket.socket(family, type_, proto)
         try:
             if os.name != "nt":
@@ -136,7 +151,11 @@ class Server:
                         continue
                     self._accept(sock, f"{addr[0]}:{addr[1]}")
                 self._expire_refused()
-                if self.idle_timeout and self.current_job is None and time.monotonic() - self._last_activity > self.idle_timeout:
+                if (
+                    self.idle_timeout
+                    and self.current_job is None
+                    and time.monotonic() - self._last_activity > self.idle_timeout
+                ):
                     log.info("unused for %g s; exiting", self.idle_timeout)
                     self._stop.set()
         finally:
@@ -155,7 +174,15 @@ class Server:
             log.warning("%s: refused, %d connections open", peer, self.max_connections)
             try:
                 sock.setblocking(False)
-                sock.send(P.encode_head(P.error_header(P.E_TOO_MANY, f"the runtime already has {self.max_connections} connections open; try again later", True)))
+                sock.send(
+                    P.encode_head(
+                        P.error_header(
+                            P.E_TOO_MANY,
+                            f"the runtime already has {self.max_connections} connections open; try again later",
+                            True,
+                        )
+                    )
+                )
                 sock.shutdown(socket.SHUT_WR)
             except OSError:
                 sock.close()
@@ -218,22 +245,40 @@ class Server:
                 except OSError:
                     pass
 
-    def _begin_job(self, conn: Connection, settings: EditSettings, count: int, width: int,
-                   height: int, has_depth: bool, needed_bytes: int) -> Job | None:
+    def _begin_job(
+        self,
+        conn: Connection,
+        settings: EditSettings,
+        count: int,
+        width: int,
+        height: int,
+        has_depth: bool,
+        needed_bytes: int,
+    ) -> Job | None:
         """Claim the one job slot; None (after telling the client why) when it cannot start."""
         if not self._job_lock.acquire(blocking=False):
-            conn.writer.send(P.error_header(P.E_BUSY, "the runtime is busy with another job; try again when it finishes", False))
+            conn.writer.send(
+                P.error_header(P.E_BUSY, "the runtime is busy with another job; try again when it finishes", False)
+            )
             return None
         try:
             root = self.spool_dir or tempfile.gettempdir()
             os.makedirs(root, exist_ok=True)
             free = shutil.disk_usage(root).free
             if needed_bytes + 64 * 1024 * 1024 > free:
-                conn.writer.send(P.error_header(P.E_DISK, f"the job needs {needed_bytes / 1e9:.2f} GB in {root}, only {free / 1e9:.2f} GB are free", False))
+                conn.writer.send(
+                    P.error_header(
+                        P.E_DISK,
+                        f"the job needs {needed_bytes / 1e9:.2f} GB in {root}, only {free / 1e9:.2f} GB are free",
+                        False,
+                    )
+                )
                 self._job_lock.release()
                 return None
             folder = tempfile.mkdtemp(prefix="p2v-job-", dir=root)
-            job = Job(self, conn, f"{os.getpid()}-{next(self._job_ids)}", settings, count, width, height, has_depth, folder)
+            job = Job(
+                self, conn, f"{os.getpid()}-{next(self._job_ids)}", settings, count, width, height, has_depth, folder
+            )
         except BaseException:
             self._job_lock.release()
             raise

@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import socket
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 from .. import protocol as P
 
