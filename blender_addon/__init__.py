@@ -2,7 +2,8 @@
 
 The edit runs in a separate runtime process (``p2v serve``) that has torch; this add-on uses only
 bpy and the standard library and talks to the runtime over a socket. See README.md in the
-project and DESIGN.md for the layout. Registration only here: no work at import or register time.
+project and docs/design.md for the layout. Registration only here: no work at import or register
+time.
 """
 
 bl_info = {  # read only when installed as a legacy add-on; extensions use blender_manifest.toml

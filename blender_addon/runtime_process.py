@@ -1,7 +1,7 @@
 """The sidecar runtime: start it, keep it warm between jobs, connect to it, stop it.
 
 No bpy here (the worker thread and the set-up task use this module). The add-on holds at most one
-local runtime process (the "one runtime connection" of DESIGN.md) in :data:`_runtime`:
+local runtime process (the "one runtime connection" of docs/design.md) in :data:`_runtime`:
 
 * started with the runtime Python as ``python -m p2v_runtime.cli serve --port 0 --idle-timeout S``;
   the token is made here and passed in ``P2V_TOKEN`` (never on the command line); the port comes

@@ -1,8 +1,8 @@
 """`p2v ablate`: one clip edited with the paper's ablation variants, scored side by side.
 
 The variants form a ladder from a per-frame edit to the full method, one change a rung, so each
-metric's movement can be read against the change that caused it (PIX2VIDEO.md, Figure 5 and the
-"without update" row of the evaluation table):
+metric's movement can be read against the change that caused it (docs/algorithm.md, section 5;
+the paper's evaluation table has a "without update" row):
 
 ===================  ===============  =========  ==============================================
 variant              injection        update     what it shows

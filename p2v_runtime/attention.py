@@ -1,4 +1,4 @@
-"""Self-attention feature injection (PIX2VIDEO.md, "Self-attention feature injection").
+"""Self-attention feature injection (docs/algorithm.md, "Self-attention feature injection").
 
 While a frame is denoised, each chosen self-attention layer records its input features (the
 normalised hidden states, before the K/V projections) per step; both guidance branches travel in

@@ -1,4 +1,4 @@
-"""The source prompt for inversion: a BLIP caption of the first frame (PIX2VIDEO.md, step 2)."""
+"""The source prompt for inversion: a BLIP caption of the first frame (docs/algorithm.md, section 1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The guided latent update (PIX2VIDEO.md, "Guided latent update").
+"""The guided latent update (docs/algorithm.md, "Guided latent update").
 
 For the early steps the sample is pulled towards the previous frame's clean-sample prediction:
 

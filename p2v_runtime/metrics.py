@@ -1,6 +1,6 @@
 """The paper's three metrics of an edited clip: CLIP-Text, CLIP-Image and Pixel-MSE.
 
-As in Pix2Video's evaluation (PIX2VIDEO.md, "Evaluation in the paper"):
+As in the Pix2Video paper's evaluation (docs/algorithm.md, section 5):
 
 - **CLIP-Text**: mean cosine similarity between the CLIP embedding of the edit prompt and that of
   each edited frame (does the clip show what was asked for?).
