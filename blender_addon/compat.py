@@ -101,6 +101,13 @@ def new_effect_strip(editor, name: str, effect_type: str, channel: int, frame_st
         )
 
 
+def unmute_channel(editor, strip) -> None:
+    """Unmute the channel ``strip`` is on (4.2+: channels have their own mute), in a temporary copy."""
+    channels = getattr(editor, "channels", None)
+    if channels is not None and 0 <= strip.channel < len(channels):
+        channels[strip.channel].mute = False
+
+
 def parent_meta(strip):
     """The meta strip that holds ``strip``, or None at the top level."""
     getter = getattr(strip, "parent_meta", None)

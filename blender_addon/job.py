@@ -18,6 +18,7 @@ A cancelled or failed job keeps the frames already received as a shorter strip a
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import threading
@@ -129,6 +130,9 @@ class EditJob:
                     _current = None
             if self.frames is not None:
                 self.frames.close()
+            if self.output is not None:
+                self.output.release()  # its folder was reserved; nothing was written into it
+                self.output = None
             raise
         self.started_at = time.monotonic()
         if threaded:
@@ -182,7 +186,14 @@ class EditJob:
         else:
             runtime_process.resolve_python(self.runtime.python)
         self.output = output_strip.OutputStrip(
-            self.scene, self.strip, frames.first_frame, frames.count, self.output_dir
+            self.scene,
+            self.strip,
+            frames.first_frame,
+            frames.count,
+            self.output_dir,
+            look=frames.look,
+            record=self.record(),
+            name=output_strip.result_name(self.strip.name, self.settings.prompt),
         )
         if self.save_depth_dir:
             try:
@@ -195,6 +206,14 @@ class EditJob:
             self.process = runtime_process.ensure_local(self.runtime)
         frames.open()
         self.frames = frames
+
+    def record(self) -> dict:
+        """How the result was made, kept on its strip (custom properties) for Re-edit and people."""
+        return {
+            "p2v_source": self.strip.name,
+            "p2v_prompt": self.settings.prompt,
+            "p2v_settings": json.dumps(self.settings.to_dict(), sort_keys=True),
+        }
 
     def poll(self) -> bool:
         """Render frames for the worker, apply what arrived; True while the job runs."""
@@ -283,6 +302,12 @@ class EditJob:
                 self.output.append(event[1])
         if self.frames is not None:
             self.frames.close()
+        if self.output is not None and not self.output.frames:
+            self.output.release()
+        if self.output is not None and self.output.unsaved and self.output.frames:
+            message += (
+                "; the file is not saved yet: its frames wait in the temp folder and move beside it when it is saved"
+            )
         self.state = state
         self.message = message
         with _current_lock:

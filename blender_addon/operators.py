@@ -9,7 +9,7 @@ import os
 import bpy
 from bpy.props import BoolProperty
 
-from . import compat, preferences, properties, runtime_process, runtime_setup
+from . import compat, output_strip, preferences, properties, runtime_process, runtime_setup
 from . import job as job_module
 from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
@@ -30,7 +30,7 @@ def build_job(context, *, confirmed: bool = False) -> job_module.EditJob:
         compat.active_strip(scene),
         settings,
         preferences.runtime_config(prefs),
-        output_dir=bpy.path.abspath(prefs.output_dir) if prefs and prefs.output_dir else "",
+        output_dir=prefs.output_dir if prefs is not None else "",
         max_frames=prefs.max_frames if prefs is not None else 0,
         confirmed=confirmed,
     )
@@ -338,9 +338,23 @@ CLASSES = (
 )
 
 
+@bpy.app.handlers.persistent
+def keep_frames_with_the_file(filepath, *_):
+    """First save of a file that was never saved: its results' frames move beside it (``//p2v/``)."""
+    if bpy.data.filepath or not filepath:
+        return
+    running = job_module.current_job()
+    skip = (running.output.folder,) if running is not None and running.output is not None else ()
+    try:
+        output_strip.move_unsaved_frames(filepath, skip)
+    except (OSError, P2VAddonError) as exc:
+        print(f"Pix2Video: could not move the edited frames beside {filepath}: {exc}")
+
+
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
+    bpy.app.handlers.save_pre.append(keep_frames_with_the_file)
 
 
 def unregister() -> None:
@@ -354,5 +368,7 @@ def unregister() -> None:
         running.wait(timeout=30)
     runtime_setup.reset()
     runtime_process.release()
+    if keep_frames_with_the_file in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.remove(keep_frames_with_the_file)
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

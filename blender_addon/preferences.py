@@ -105,9 +105,11 @@ class P2VPreferences(bpy.types.AddonPreferences):
     token_file: StringProperty(name="Token file", subtype="FILE_PATH")
     # + the edit settings the schema keeps per user (models, device, ...): added below
     output_dir: StringProperty(
-        name="Output for unsaved files",
+        name="Output folder",
         subtype="DIR_PATH",
-        description="Where edited frames go while the .blend is not saved (empty: the temp folder)",
+        default="//p2v/",
+        description="Where edited frames go, a folder per result ('//' is the .blend's folder; a file never "
+        "saved keeps them in the temp folder and moves them beside it when it is first saved)",
     )
     max_frames: IntProperty(
         name="Confirm above (frames)",

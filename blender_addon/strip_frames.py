@@ -1,23 +1,26 @@
-"""The frames a strip shows: its trimmed range, in timeline order, at the scene's render resolution.
+"""The strip's own picture, frame by frame: its trimmed range, in timeline order, at its source's size.
 
 Frames are *rendered through the Sequencer* rather than decoded by hand: a temporary copy of the
 scene in which every other strip is muted renders one timeline frame at a time. So the frames are
-exactly what the strip shows, whatever its type (image sequence, movie, scene strip rendered by
-its engine), retiming, reversal, transform, crop or modifiers, and movies are decoded by Blender's
-own FFmpeg. The user's scene is never modified; the copy and its files are removed by
-:meth:`StripFrames.close`.
+what the strip shows, whatever its type (image sequence, movie, scene strip rendered by its
+engine), retiming, reversal, colour or modifiers, and movies are decoded by Blender's own FFmpeg.
+What places the picture in the frame (transform, crop, flips, blend mode, opacity) is left out:
+the copy renders at the size of the strip's source (the image, the movie, the shown scene's
+render size) with the strip unplaced, so the model spends its pixels on the picture, not on empty
+frame, and the new strip takes the source's placement (``strip_look``). The user's scene is
+never modified; the copy and its files are removed by :meth:`StripFrames.close`.
 
 Colour: the copy renders with the *Standard* view transform, so the 8-bit frames are the
 Sequencer's sRGB pixels, and the edited frames, written back as sRGB PNGs, look like the source
 under whatever view transform the user's scene uses.
 
 Depth ``"zpass"`` (scene strips only): the copy's strip shows a temporary copy of the strip's scene
-instead, rendered at the Sequencer's size with the Z pass on; its compositor sends the view
+instead, rendered at its own size with the Z pass on; its compositor sends the view
 layer's Image on to the Sequencer and writes the Depth to a 32-bit float EXR (File Output node)
 during the same render. So RGB and Z come from one render of the frame the strip shows (the
 Sequencer still maps timeline frames to scene frames: offsets, reversal, strobe, retiming), and
-line up pixel for pixel when the strip shows its scene filling the frame, which
-:func:`zpass_framing_problem` checks (flips are applied to the Z). Everything the Z pass needs
+line up pixel for pixel: both are the scene's own picture at its own render size, whatever the
+strip's transform. Everything the Z pass needs
 (engine samples, passes, view layers, compositor nodes, output, resolution) is set on the copies:
 the user's scenes are only read, and the copies go in :meth:`StripFrames.close`, also after an
 error or a cancel. Rendering through the Sequencer also keeps the scene's animated values as they
@@ -32,7 +35,7 @@ import tempfile
 
 import bpy
 
-from . import compat
+from . import compat, strip_look
 from ._vendor import settings as schema
 from .errors import P2VAddonError
 
@@ -97,9 +100,6 @@ def check_zpass_strip(scene, strip, zpass_render: str) -> None:
             f"Depth 'Z pass' renders the scene of strip '{strip.name}' through its camera, but the "
             f"strip shows the Sequencer of '{shown.name}': set the strip's Input to Camera, or use Depth 'Estimate'"
         )
-    framing = zpass_framing_problem(scene, strip)
-    if framing is not None:
-        raise P2VAddonError(framing)
     if zpass_view_layer(shown) is None:
         raise P2VAddonError(
             f"Scene '{shown.name}' of strip '{strip.name}' has no view layer that renders "
@@ -107,47 +107,6 @@ def check_zpass_strip(scene, strip, zpass_render: str) -> None:
         )
     if zpass_render not in ZPASS_RENDERS:
         raise P2VAddonError(f"Unknown Z-pass render setting {zpass_render!r}; use one of {', '.join(ZPASS_RENDERS)}")
-
-
-def zpass_framing_problem(scene, strip) -> str | None:
-    """Why the strip does not show its scene's camera view exactly filling the frame, or None.
-
-    The Z pass is rendered at the Sequencer's size to fill the frame, so RGB and depth line up with
-    each other and with the strip: that is what the strip shows when the scene's resolution times
-    the strip's scale is the Sequencer's resolution, with no offset, rotation or crop (the Sequencer
-    flips the RGB, and the Z is flipped to match). Other placements would need the Sequencer's
-    transform applied to the Z as well, so they are refused.
-    """
-    shown = strip.scene
-    transform = strip.transform
-    seq_w, seq_h = scene.render.resolution_x, scene.render.resolution_y
-    img_w, img_h = shown.render.resolution_x, shown.render.resolution_y
-    scale_x, scale_y = transform.scale_x, transform.scale_y
-    fills = abs(img_w * scale_x - seq_w) <= max(1.0, 0.005 * seq_w) and abs(img_h * scale_y - seq_h) <= max(
-        1.0, 0.005 * seq_h
-    )
-    scaled = abs(scale_x - 1.0) > 1e-6 or abs(scale_y - 1.0) > 1e-6
-    origin = tuple(getattr(transform, "origin", (0.5, 0.5)))
-    moved = (
-        abs(transform.offset_x) > 0.5
-        or abs(transform.offset_y) > 0.5
-        or abs(transform.rotation) > 1e-6
-        or (scaled and max(abs(origin[0] - 0.5), abs(origin[1] - 0.5)) > 1e-6)
-    )
-    crop = strip.crop
-    cropped = any(getattr(crop, side) for side in ("min_x", "max_x", "min_y", "max_y"))
-    if fills and not moved and not cropped:
-        return None
-    how = [f"{img_w}x{img_h} scaled {scale_x:g}x{scale_y:g}"]
-    if moved:
-        how.append("moved or rotated")
-    if cropped:
-        how.append("cropped")
-    return (
-        f"Depth 'Z pass' renders scene '{shown.name}' to fill the frame, but strip '{strip.name}' shows it "
-        f"{', '.join(how)} in the {seq_w}x{seq_h} Sequencer: give the scene the Sequencer's resolution (or scale "
-        f"the strip to fit), clear its offset, rotation and crop, or use Depth 'Estimate'"
-    )
 
 
 def zpass_view_layer(scene):
@@ -206,6 +165,39 @@ def strip_ancestors(strip) -> list:
     return chain
 
 
+def picture_size(scene, strip, frame: int) -> tuple[int, int]:
+    """Width and height of the strip's own picture: its image or movie, or its scene's render."""
+    kind = compat.strip_kind(strip)
+    if kind == "scene":
+        width, height = compat.render_size(strip.scene)
+        what = f"scene '{strip.scene.name}' of strip '{strip.name}'"
+    else:
+        element = strip.strip_elem_from_frame(frame)
+        width, height = (element.orig_width, element.orig_height) if element is not None else (0, 0)
+        if width < 1 or height < 1:  # not read yet: ask the file
+            width, height = _file_size(scene, strip, kind, frame)
+        what = f"the {kind} of strip '{strip.name}'"
+    if width < 1 or height < 1:
+        raise P2VAddonError(f"Cannot tell the size of {what} ({width}x{height})")
+    return int(width), int(height)
+
+
+def _file_size(scene, strip, kind: str, frame: int) -> tuple[int, int]:
+    if kind == "movie":
+        clip = bpy.data.movieclips.load(compat.abspath(strip.filepath, scene), check_existing=False)
+        try:
+            return tuple(clip.size)
+        finally:
+            bpy.data.movieclips.remove(clip)
+    element = strip.strip_elem_from_frame(frame)
+    path = os.path.join(compat.abspath(strip.directory, scene), element.filename)
+    image = bpy.data.images.load(path, check_existing=False)
+    try:
+        return tuple(image.size)
+    finally:
+        bpy.data.images.remove(image)
+
+
 class StripFrames:
     """Frame ``i`` of the strip as raw RGB bytes (top row first); bpy, so main thread only."""
 
@@ -220,9 +212,8 @@ class StripFrames:
         self.kind = compat.strip_kind(strip)
         self.first_frame = strip.frame_final_start + chosen.start  # timeline frame of frame 0
         self.count = len(chosen)
-        self.width, self.height = compat.render_size(scene)
-        if self.width < 1 or self.height < 1:
-            raise P2VAddonError(f"Scene '{scene.name}' has a render size of {self.width}x{self.height}")
+        self.width, self.height = picture_size(scene, strip, self.first_frame)
+        self.look = strip_look.capture(strip)  # the new strip's placement
         self.depth = depth
         self._keep = {strip.name, *(meta.name for meta in strip_ancestors(strip))}
         self._copy = None
@@ -249,7 +240,13 @@ class StripFrames:
         self._copy = copy
         for strip in compat.all_strips(copy.sequence_editor):
             strip.mute = strip.name not in self._keep
+        shown = compat.all_strips(copy.sequence_editor)[self.strip_name]
+        strip_look.apply(shown, strip_look.NEUTRAL)  # its picture, unplaced, filling the frame
+        compat.unmute_channel(copy.sequence_editor, shown)  # a muted source channel still renders here
         render = copy.render
+        render.resolution_x, render.resolution_y = self.width, self.height
+        render.resolution_percentage = 100
+        render.pixel_aspect_x = render.pixel_aspect_y = 1.0
         render.use_sequencer = True
         render.use_compositing = False
         render.use_stamp = False
@@ -377,7 +374,6 @@ class ZPassScene:
         self.scene_name = strip.scene.name
         self.shown = strip.scene
         self.camera = strip.scene_camera or strip.scene.camera
-        self.flip = (bool(getattr(strip, "use_flip_x", False)), bool(getattr(strip, "use_flip_y", False)))
         self.quality = quality
         self.copy = None
         self.group = None
@@ -391,10 +387,7 @@ class ZPassScene:
         copy = self.shown.copy()
         self.copy = copy
         copy.name = f"P2V Z pass of {self.strip_name}"
-        render, edit = copy.render, self.sequencer_scene.render
-        render.resolution_x, render.resolution_y = edit.resolution_x, edit.resolution_y
-        render.resolution_percentage = edit.resolution_percentage
-        render.pixel_aspect_x, render.pixel_aspect_y = edit.pixel_aspect_x, edit.pixel_aspect_y
+        render = copy.render  # its own resolution: the picture the strip shows, unplaced
         render.use_border = False
         render.use_multiview = False
         render.use_stamp = False
@@ -420,9 +413,7 @@ class ZPassScene:
             )
         tree.links.new(depth, compat.float_file_output(tree, folder, "Depth"))
         shown_by = compat.all_strips(sequencer_copy.sequence_editor)[self.strip_name]
-        shown_by.scene = copy
-        transform = shown_by.transform  # the copy renders at the frame's size: no scaling
-        transform.scale_x = transform.scale_y = 1.0
+        shown_by.scene = copy  # unplaced already (StripFrames.open): the picture fills the frame
         for name in ("use_cache_raw", "use_cache_preprocessed", "use_cache_composite", "use_cache_final"):
             if hasattr(sequencer_copy.sequence_editor, name):  # every frame rendered, so every Z written
                 setattr(sequencer_copy.sequence_editor, name, False)
@@ -441,13 +432,8 @@ class ZPassScene:
                 f"{self.copy.render.engine})"
             )
         z = load_pixels(os.path.join(self.folder, written[0]), size, f"the Z pass of {what}", data=True)[:, :, 0]
-        z = np.ascontiguousarray(z, dtype=np.float32)
-        if self.flip[0]:  # the Sequencer flipped the RGB; the File Output wrote the render as it is
-            z = z[:, ::-1]
-        if self.flip[1]:
-            z = z[::-1]
         clip_end = getattr(getattr(self.camera, "data", None), "clip_end", 0.0) or 0.0
-        z, problem = zpass_problem(np.ascontiguousarray(z), clip_end)
+        z, problem = zpass_problem(np.ascontiguousarray(z, dtype=np.float32), clip_end)
         if problem is not None:
             raise P2VAddonError(f"Depth 'Z pass' cannot use {what} (scene '{self.scene_name}'): {problem}")
         return z.astype("<f4").tobytes()

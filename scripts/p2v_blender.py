@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runtime-python", help="Python that has p2v_runtime (starts a local runtime)")
     parser.add_argument("--server", metavar="HOST:PORT", help="use a running `p2v serve` instead")
     parser.add_argument("--token-file", help="file with the --server token (default: $P2V_TOKEN)")
-    parser.add_argument("--output-dir", help="where frames go when the .blend is not saved (default: the temp folder)")
+    parser.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="where the edited frames go, a folder per result "
+        "(default: the add-on's Output folder, else //p2v/ beside the .blend)",
+    )
     parser.add_argument(
         "--max-frames", type=int, default=0, help="refuse strips with more frames than this (0: no limit)"
     )
@@ -143,6 +148,8 @@ def run(argv: list[str]) -> int:
         return fail("give --blend FILE (a Python with bpy starts with an empty file)", EXIT_USAGE)
     if args.save and not bpy.data.filepath:
         return fail("--save needs a saved .blend: open one with --blend or on Blender's command line", EXIT_USAGE)
+    # Other jobs may save the same file while this one edits: --save compares with this.
+    args.opened = os.stat(bpy.data.filepath) if bpy.data.filepath else None
 
     addon, enabled = find_addon()
     registered = False
@@ -151,7 +158,7 @@ def run(argv: list[str]) -> int:
         registered = True
     modules = {
         name: importlib.import_module(f"{addon.__name__}.{name}")
-        for name in ("job", "errors", "compat", "preferences", "properties", "runtime_process")
+        for name in ("job", "errors", "compat", "preferences", "properties", "runtime_process", "blend_save")
     }
     try:
         return _edit(args, given, bpy, modules, enabled)
@@ -185,8 +192,8 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
         runtime = _runtime_config(args, prefs, preferences, runtime_process)
     except errors.P2VAddonError as exc:
         return fail(exc, EXIT_USAGE)
-    output_dir = args.output_dir or (
-        bpy.path.abspath(prefs.output_dir) if prefs is not None and prefs.output_dir else ""
+    output_dir = (
+        os.path.abspath(args.output_dir) if args.output_dir else (prefs.output_dir if prefs is not None else "")
     )
     job = modules["job"].EditJob(
         scene,
@@ -225,8 +232,14 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
         job.cancel()
         state = job.wait()
     if job.frames_done and args.save:
-        bpy.ops.wm.save_mainfile()
-        say(f"saved {bpy.data.filepath}", args.quiet)
+        blend_save = modules["blend_save"]
+        path = bpy.data.filepath
+        opened = (args.opened.st_mtime_ns, args.opened.st_size, args.opened.st_ino)
+        try:
+            how = blend_save.save_with_result(path, opened, job.output.spec())
+        except errors.P2VAddonError as exc:
+            return fail(f"{exc} (the edited frames are in {job.output.folder})")
+        say(f"{how}: {path}", args.quiet)
     if args.stats and job.stats:
         atomic_write_text(args.stats, json.dumps(job.stats, indent=2) + "\n")
     if state == "done":

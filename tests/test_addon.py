@@ -730,3 +730,85 @@ def test_headless_without_bpy_says_how_to_run(tmp_path):
     )
     assert done.returncode == 2
     assert "bpy is not importable" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def _strips_in(python: Path, blend: Path, tmp_path: Path) -> dict:
+    """{name: (channel, start, length, directory, files, source)} of the Edit scene's image strips."""
+    code = (
+        "import bpy, json, sys\n"
+        f"bpy.ops.wm.open_mainfile(filepath={str(blend)!r})\n"
+        "e = bpy.data.scenes['Edit'].sequence_editor\n"
+        "c = e.strips_all if hasattr(e, 'strips_all') else e.sequences_all\n"
+        "out = {s.name: [s.channel, s.frame_final_start, s.frame_final_duration, bpy.path.abspath(s.directory),\n"
+        "                [x.filename for x in s.elements], s.get('p2v_source')] for s in c if s.type == 'IMAGE'}\n"
+        "print('RESULT', json.dumps(out))\n"
+    )
+    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
+                          env=bh.bpy_env(tmp_path / "blender-user"), timeout=120)
+    return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[7:])
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_parallel_headless_jobs_on_one_blend_keep_every_strip(version, blend_files, tiny_models, tmp_path):
+    """Three farm jobs save the same .blend at once (two of them on the same strip): every result
+    strip is in the file, each in a folder of its own that no other strip uses, and the file is
+    whole (it opens, the source strips are there, a .blend1 keeps the version before the last)."""
+    python = bh.bpy_python(version)
+    if python is None:
+        pytest.skip(f"bpy {version} is not installed")
+    blend = tmp_path / "shot.blend"
+    shutil.copy(blend_files(version), blend)
+    before = _strips_in(python, blend, tmp_path)
+    env = bh.bpy_env(tmp_path / "blender-user")
+    env["P2V_RUNTIME_PYTHON"] = str(bh.RUNTIME_PYTHON)
+    jobs = [("mov", "a red car"), ("mov", "a blue car"), ("img", "a green car")]
+    procs = [
+        subprocess.Popen(
+            [str(python), str(REPO / "scripts" / "p2v_blender.py"), "--blend", str(blend), "--strip", strip,
+             "--prompt", prompt, "--save", "--frames", "0:3", *_tiny_args(tiny_models)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for strip, prompt in jobs
+    ]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    # All three opened the same version; whoever saved after the first had to take the newer file.
+    assert sum("reopened (another job had saved it)" in out for out, _ in outputs) == 2, outputs
+    after = _strips_in(python, blend, tmp_path)
+    new = {name: value for name, value in after.items() if name not in before}
+    assert len(new) == 3, (sorted(after), outputs)
+    assert sorted(value[5] for value in new.values()) == ["img", "mov", "mov"]
+    folders = [os.path.normpath(value[3]) for value in new.values()]
+    assert len(set(folders)) == 3  # never one folder for two results
+    old_folders = {os.path.normpath(value[3]) for value in before.values()}
+    assert not set(folders) & old_folders
+    for channel, start, length, folder, files, _ in new.values():
+        assert length == 3 and files == [f"{i:06d}.png" for i in range(3)]
+        assert all((Path(folder) / name).is_file() for name in files)
+    for name, value in before.items():
+        assert after[name] == value  # the strips that were there are as they were
+    assert (tmp_path / "shot.blend1").is_file()
+    assert not list(tmp_path.glob(".shot.blend.p2v-*.blend"))  # no temporary left behind
+
+
+@pytest.mark.parametrize("version", ["5.0"])
+def test_a_copied_blend_without_its_frames_never_reuses_a_strips_folder(version, blend_files, tiny_models, tmp_path):
+    """The .blend is copied without its p2v/ folder: a new edit must not write into the folder an
+    existing result strip points to (it would silently show the new frames)."""
+    python = bh.bpy_python(version)
+    if python is None:
+        pytest.skip(f"bpy {version} is not installed")
+    first, copy = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    copy.mkdir()
+    shutil.copy(blend_files(version), first / "shot.blend")
+    args = ["--strip", "mov", "--save", "--frames", "0:2", *_tiny_args(tiny_models)]
+    done = _headless(python, ["--blend", str(first / "shot.blend"), "--prompt", "a red car", *args], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shutil.copy(first / "shot.blend", copy / "shot.blend")  # without first/p2v
+    done = _headless(python, ["--blend", str(copy / "shot.blend"), "--prompt", "a blue car", *args], tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    strips = _strips_in(python, copy / "shot.blend", tmp_path)
+    results = sorted(os.path.relpath(v[3], copy) for v in strips.values() if v[5] == "mov")
+    assert results == [os.path.join("p2v", "mov_1"), os.path.join("p2v", "mov_2")]
+    assert sorted(p.name for p in (copy / "p2v").iterdir()) == ["mov_2"]  # mov_1's frames stayed with the other copy
