@@ -43,6 +43,7 @@ DEPTH_MODES = schema.choice_values("depth")  # estimate, zpass
 ZPASS_RENDERS = schema.choice_values("zpass_render")  # quick preview, as the scene is set
 PREVIEW_SAMPLES = {"CYCLES": 8, "EEVEE": 4}  # quick preview: at most this many samples
 RENDER_RESULT = "Render Result"
+MAX_PICTURE_SIDE = 16384
 # Blender writes 1e10 for Z-pass pixels that see no surface (Cycles, Workbench): sent for every
 # background pixel. _BACKGROUND_FROM mirrors p2v_runtime.depth.BACKGROUND_Z: this far, or +inf,
 # is background there too.
@@ -172,13 +173,12 @@ def picture_size(scene, strip, frame: int) -> tuple[int, int]:
         width, height = compat.render_size(strip.scene)
         what = f"scene '{strip.scene.name}' of strip '{strip.name}'"
     else:
-        element = strip.strip_elem_from_frame(frame)
-        width, height = (element.orig_width, element.orig_height) if element is not None else (0, 0)
-        if width < 1 or height < 1:  # not read yet: ask the file
-            width, height = _file_size(scene, strip, kind, frame)
+        # From the file: a strip element's orig_width/height is not set until Blender has shown it
+        # (and holds garbage in Blender 4.2 for elements appended from Python).
+        width, height = _file_size(scene, strip, kind, frame)
         what = f"the {kind} of strip '{strip.name}'"
-    if width < 1 or height < 1:
-        raise P2VAddonError(f"Cannot tell the size of {what} ({width}x{height})")
+    if not (1 <= width <= MAX_PICTURE_SIDE and 1 <= height <= MAX_PICTURE_SIDE):
+        raise P2VAddonError(f"Cannot edit {what}: its picture is {width}x{height}")
     return int(width), int(height)
 
 

@@ -229,6 +229,8 @@ def new_strip_info(job) -> dict:
         "elements": [e.filename for e in strip.elements],
         "folder": output.folder,
         "files_on_disk": listing(output.folder),
+        "record": {key: strip[key] for key in ("p2v_source", "p2v_prompt", "p2v_settings") if key in strip},
+        "look": mod("strip_look").capture(strip),
     }
 
 
@@ -481,7 +483,9 @@ def no_output_dir_cleanup():
 
 
 def scenario_unsaved_file():
-    """A file never saved: the frames go under the output folder preference, the strip uses absolute paths."""
+    """A file never saved. With an output folder that is a path, the frames go there (absolute
+    paths); with the default //p2v/ they wait in the temp folder, and the file's first save moves
+    them beside it and points the strip there (relative)."""
     path = bpy.data.filepath
     out_dir = os.path.join(CONFIG["work"], "unsaved-out")
     compat = mod("compat")
@@ -503,6 +507,29 @@ def scenario_unsaved_file():
             directory=new.directory if new else None,
             files=listing(job.output.folder),
         )
+        waiting = mod("job").EditJob(
+            scene, strip, edit_settings(settings(prompt="a blue car")), runtime(serve_args=("--job-runner", "echo"))
+        )
+        run_job(waiting)
+        result["waiting"] = {
+            "state": waiting.state,
+            "message": waiting.message,
+            "folder": waiting.output.folder,
+            "directory": waiting.output.strip().directory,
+        }
+        saved_as = os.path.join(CONFIG["work"], "saved-later", "first.blend")
+        os.makedirs(os.path.dirname(saved_as), exist_ok=True)
+        bpy.ops.wm.save_as_mainfile(filepath=saved_as)
+        moved = compat.all_strips(scene.sequence_editor)[waiting.output.strip_name]
+        result["after_save"] = {
+            "directory": moved.directory,
+            "abs": compat.abspath(moved.directory, scene),
+            "files": listing(compat.abspath(moved.directory, scene)),
+            "old_folder_exists": os.path.exists(waiting.output.folder),
+            "explicit_abs": compat.abspath(
+                compat.all_strips(scene.sequence_editor)[job.output.strip_name].directory, scene
+            ),
+        }
         return result
     finally:
         bpy.ops.wm.open_mainfile(filepath=path)
@@ -511,7 +538,7 @@ def scenario_unsaved_file():
 def scenario_unwritable_probe():
     output_strip = mod("output_strip")
     try:
-        output_strip.check_writable("/proc/p2v-test/out")
+        output_strip.reserve_folder("/proc/p2v-test/out", "img")
         return {"raised": False}
     except Exception as exc:  # noqa: BLE001 - a scenario records what went wrong
         return {"raised": True, "type": type(exc).__name__, "message": str(exc)}
@@ -655,6 +682,62 @@ def scenario_schema_walk():
                 entry["override_message"] = str(exc)
         found[f.name] = entry
     return found
+
+
+def scenario_placed_image():
+    """An image strip scaled, moved and half transparent over a red color strip: the runtime gets
+    the image itself (not a black frame with the image in a corner), and the result, given the
+    source's placement, composites exactly where the source did (the echo runtime returns the
+    frames unchanged, so the composite with the result in place of the muted source must be the
+    composite with the source)."""
+    import numpy as np
+
+    scene = bpy.data.scenes["Edit"]
+    editor, compat = scene.sequence_editor, mod("compat")
+    strips = compat.strips(editor)
+    red = compat.new_effect_strip(editor, "red", "COLOR", 30, 400, 3)
+    red.color = (1.0, 0.0, 0.0)
+    placed = strips.new_image("placed", os.path.join(CONFIG["media"], "imgs", "f000.png"), 31, 400)
+    for i in (1, 2):
+        placed.elements.append(f"f{i:03d}.png")
+    placed.transform.scale_x = placed.transform.scale_y = 0.5
+    placed.transform.offset_x, placed.transform.offset_y = 15.0, 5.0
+    placed.blend_alpha = 0.8
+
+    def composite(label):
+        copy = scene.copy()
+        try:
+            mod("strip_frames").set_png_output(copy)
+            copy.frame_set(401)
+            path = os.path.join(CONFIG["work"], f"composite-{label}.png")
+            compat.render_still(copy, path)
+            return mod("strip_frames").load_pixels(path, compat.render_size(copy), label)[:, :, :3]
+        finally:
+            bpy.data.scenes.remove(copy)
+
+    job = None
+    try:
+        without = composite("source")
+        job = make_job("placed", runtime_config=echo_runtime())
+        result = run_job(job)
+        result["new"] = new_strip_info(job)
+        result["source_look"] = mod("strip_look").capture(placed)
+        result["frame_size"] = [job.frames.width, job.frames.height] if job.frames is not None else None
+        placed.mute = True  # the result in place of its source: the same picture, the same place
+        with_result = composite("result")
+        result["composite_difference"] = float(np.abs(with_result - without).mean() * 255.0)
+        result["composite_red"] = float(without[..., 0].mean())
+        result["composite_difference_without_look"] = None
+        strip = job.output.strip()
+        if strip is not None:  # the same result without the placement: clearly not where the source was
+            mod("strip_look").apply(strip, mod("strip_look").NEUTRAL)
+            result["composite_difference_without_look"] = float(np.abs(composite("unplaced") - without).mean() * 255.0)
+        return result
+    finally:
+        if job is not None:
+            remove_new_strip(job)
+        for name in ("placed", "red"):
+            strips.remove(compat.all_strips(editor)[name])
 
 
 def scenario_operator_poll():
@@ -941,9 +1024,13 @@ def zpass_setup() -> dict:
     geo = _geo_scene("Geo")
     strip = strips.new_scene("geo", geo, 11, 300)
     strip.frame_offset_start, strip.frame_offset_end = 1, 1  # timeline 301..303 = Geo frames 2..4
-    flip = strips.new_scene("geo_flip", geo, 12, 300)
-    flip.frame_offset_start, flip.frame_offset_end = 1, 1
-    flip.use_flip_x = True
+    placed = strips.new_scene("geo_placed", geo, 12, 300)  # geo, placed in the frame every way there is
+    placed.frame_offset_start, placed.frame_offset_end = 1, 1
+    placed.use_flip_x = True
+    placed.transform.scale_x, placed.transform.scale_y = 0.5, 0.6
+    placed.transform.offset_x, placed.transform.offset_y, placed.transform.rotation = 12.0, -6.0, 0.3
+    placed.crop.min_x, placed.crop.max_y = 4, 3
+    placed.blend_type, placed.blend_alpha = "ADD", 0.7
     reverse = strips.new_scene("geo_reverse", geo, 18, 300)
     reverse.frame_offset_start, reverse.frame_offset_end = 1, 1
     reverse.use_reverse_frames = True  # the Sequencer maps the frames; the Z pass must follow
@@ -962,10 +1049,6 @@ def zpass_setup() -> dict:
     seqinput = strips.new_scene("seqinput", geo, 15, 300)
     seqinput.frame_final_duration = 2
     seqinput.scene_input = "SEQUENCER"
-    big = bpy.data.scenes.new("Big")  # 1920x1080 shown unscaled in an 80x48 Sequencer: a crop of it
-    big.render.resolution_x, big.render.resolution_y = 1920, 1080
-    big.camera = _ortho_camera(big, "Big camera")
-    strips.new_scene("big", big, 16, 300).frame_final_duration = 2
     nocam = bpy.data.scenes.new("NoCameraZ")
     strips.new_scene("nocam_z", nocam, 17, 300).frame_final_duration = 2
     for made in compat.all_strips(editor):
@@ -1270,7 +1353,7 @@ def scenario_zpass_frames():
     grab(geo, "zpass", "preview", "preview")
     grab(geo, "zpass", "scene", "scene")
     grab(geo, "estimate", "preview", "sequencer")
-    grab(compat.all_strips(editor)["geo_flip"], "zpass", "preview", "flip")
+    grab(compat.all_strips(editor)["geo_placed"], "zpass", "preview", "placed")
     grab(compat.all_strips(editor)["geo_reverse"], "zpass", "preview", "reverse")
     if "geo_retimed" in compat.all_strips(editor):
         grab(compat.all_strips(editor)["geo_retimed"], "zpass", "preview", "retimed")
@@ -1451,7 +1534,7 @@ ZPASS_SCENARIOS = {
     "bad_zpass_neginf": lambda: zpass_bad("geo", patch=_inject("neginf"), runtime_config=echo_runtime())(),
     "bad_zpass_movie": zpass_bad("mov"),
     "bad_zpass_sequencer_input": zpass_bad("seqinput"),
-    "bad_zpass_framing": zpass_bad("big"),
+    "zpass_placed": lambda: zpass_edit("geo_placed", echo_runtime())(),
 }
 
 
@@ -1493,6 +1576,7 @@ SCENARIOS = {
     "release": scenario_release,
     "panel_draw": scenario_panel_draw,
     "schema_walk": scenario_schema_walk,
+    "placed_image": scenario_placed_image,
     "operator_poll": scenario_operator_poll,
     "operator_run": scenario_operator_run,
     "operator_in_override": scenario_operator_in_override,

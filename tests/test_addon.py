@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -61,6 +62,7 @@ SCENARIOS = (
     "release",
     "panel_draw",
     "schema_walk",
+    "placed_image",
     "operator_poll",
     "operator_run",
     "operator_in_override",
@@ -309,7 +311,9 @@ def test_edit_makes_the_new_strip(results, name, strip, channel, start, length):
     assert found["state"] == "done", found["message"]
     assert found["frames_done"] == found["total"] == length == found["stats_frames"]
     new = found["new"]
-    assert new["name"] == f"{strip} p2v"
+    assert new["name"] == f"{strip} p2v a red sports car"  # source, marker, prompt: results tell apart
+    assert new["record"]["p2v_source"] == strip and new["record"]["p2v_prompt"] == "a red sports car"
+    assert json.loads(new["record"]["p2v_settings"])["steps"] == 2
     assert new["type"] == "IMAGE"
     assert (new["channel"], new["frame_final_start"], new["frame_final_duration"]) == (channel, start, length)
     assert new["directory"].startswith(f"//p2v/{strip}_") and new["directory"].endswith("/")
@@ -318,6 +322,25 @@ def test_edit_makes_the_new_strip(results, name, strip, channel, start, length):
     for file in names:
         assert bh.read_png(Path(new["folder"]) / file).shape == (found["render_size"][1], found["render_size"][0], 3)
     assert found["changes"] == []  # source strip, its files, every other strip, scenes, images
+
+
+def test_a_placed_strip_is_edited_as_its_own_picture_and_composites_where_it_was(results):
+    """Scaled 0.5, moved and at 80% over red: the runtime gets the image (80x48, not the frame with a
+    corner of it), and the result strip, with the source's placement, leaves the composite as it was."""
+    found = outcome(results, "placed_image")
+    assert found["state"] == "done", found["message"]
+    assert found["frame_size"] == [bh.WIDTH, bh.HEIGHT]
+    media_dir = Path(results["_media"])
+    for k in range(3):  # the echo runtime's frames are what was sent: the source images themselves
+        sent = bh.read_png(Path(found["new"]["folder"]) / f"{k:06d}.png")
+        assert np.array_equal(sent, bh.read_png(media_dir / "imgs" / f"f{k:03d}.png")), k
+    look = found["new"]["look"]
+    assert look == found["source_look"]
+    assert look["transform.scale_x"] == 0.5 and look["transform.offset_x"] == 15.0
+    assert look["blend_alpha"] == pytest.approx(0.8)
+    assert found["composite_red"] > 0.5  # the red strip shows around the image
+    assert found["composite_difference"] < 0.5  # the result, in place of the source, looks the same
+    assert found["composite_difference_without_look"] > 10 * max(found["composite_difference"], 0.5)
 
 
 def test_frames_sent_are_what_the_strip_shows(results):
@@ -400,7 +423,7 @@ BAD_INPUTS = {
     "bad_scene_no_camera": "has no camera",
     "bad_too_long": "more than the limit of 3",
     "bad_no_channel": "No free channel above strip 'top'",
-    "bad_output_dir": "cannot be created",
+    "bad_output_dir": "cannot be written",
     "bad_python_missing": "is not found",
     "bad_python_lacks_runtime": "does not have p2v_runtime installed",
     "bad_empty_prompt": "Prompt (--prompt) is empty",
@@ -433,15 +456,22 @@ def test_long_strip_runs_when_confirmed(results):
 
 def test_unwritable_output_folder_is_refused(results):
     found = outcome(results, "unwritable_probe")
-    assert found["raised"] and "not writable" in found["message"]
+    assert found["raised"] and "cannot be written" in found["message"] and "Output folder" in found["message"]
 
 
 def test_unsaved_file_writes_to_the_output_preference(results):
     found = outcome(results, "unsaved_file")
     assert found["state"] == "done" and found["filepath"] == ""
-    assert found["folder"].startswith(os.path.join(found["out_dir"], "untitled", "still_"))
+    assert found["folder"] == os.path.join(found["out_dir"], "still_1")
     assert found["directory"].startswith(found["out_dir"])  # absolute: there is no .blend to be relative to
     assert found["files"] == ["000000.png"]
+    waiting = found["waiting"]  # the default //p2v/ has no folder before the first save
+    assert waiting["state"] == "done" and "move beside it when it is saved" in waiting["message"]
+    assert waiting["folder"].startswith(os.path.join(tempfile.gettempdir(), "p2v", "untitled", "still_"))
+    after = found["after_save"]  # saved: the frames moved beside the .blend, the strip points there
+    assert after["directory"] == "//p2v/still_1/" and after["files"] == ["000000.png"]
+    assert not after["old_folder_exists"]
+    assert after["explicit_abs"] == found["folder"]  # a chosen folder stays where it is
 
 
 def test_release_stops_the_runtime(results):
@@ -658,7 +688,7 @@ def test_headless_edit_saves_the_new_strip(version, blend_files, tiny_models, tm
             (
                 f"import bpy, json; bpy.ops.wm.open_mainfile(filepath={str(blend)!r}); "
                 "e = bpy.data.scenes['Edit'].sequence_editor; "
-                "c = getattr(e, 'strips_all', None) or e.sequences_all; s = c['mov p2v']; "
+                "c = getattr(e, 'strips_all', None) or e.sequences_all; s = c['mov p2v a red car']; "
                 "print('RESULT', json.dumps([s.channel, s.frame_final_start, s.frame_final_duration, s.directory]))"
             ),
         ],
@@ -743,8 +773,13 @@ def _strips_in(python: Path, blend: Path, tmp_path: Path) -> dict:
         "                [x.filename for x in s.elements], s.get('p2v_source')] for s in c if s.type == 'IMAGE'}\n"
         "print('RESULT', json.dumps(out))\n"
     )
-    done = subprocess.run([str(python), "-c", code], capture_output=True, text=True,
-                          env=bh.bpy_env(tmp_path / "blender-user"), timeout=120)
+    done = subprocess.run(
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        env=bh.bpy_env(tmp_path / "blender-user"),
+        timeout=120,
+    )
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT"))[7:])
 
 
@@ -764,9 +799,25 @@ def test_parallel_headless_jobs_on_one_blend_keep_every_strip(version, blend_fil
     jobs = [("mov", "a red car"), ("mov", "a blue car"), ("img", "a green car")]
     procs = [
         subprocess.Popen(
-            [str(python), str(REPO / "scripts" / "p2v_blender.py"), "--blend", str(blend), "--strip", strip,
-             "--prompt", prompt, "--save", "--frames", "0:3", *_tiny_args(tiny_models)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            [
+                str(python),
+                str(REPO / "scripts" / "p2v_blender.py"),
+                "--blend",
+                str(blend),
+                "--strip",
+                strip,
+                "--prompt",
+                prompt,
+                "--save",
+                "--frames",
+                "0:3",
+                *_tiny_args(tiny_models),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for strip, prompt in jobs
     ]
     outputs = [proc.communicate(timeout=600) for proc in procs]
@@ -782,7 +833,7 @@ def test_parallel_headless_jobs_on_one_blend_keep_every_strip(version, blend_fil
     assert len(set(folders)) == 3  # never one folder for two results
     old_folders = {os.path.normpath(value[3]) for value in before.values()}
     assert not set(folders) & old_folders
-    for channel, start, length, folder, files, _ in new.values():
+    for _channel, _start, length, folder, files, _ in new.values():
         assert length == 3 and files == [f"{i:06d}.png" for i in range(3)]
         assert all((Path(folder) / name).is_file() for name in files)
     for name, value in before.items():

@@ -53,7 +53,7 @@ SCENARIOS = (
     "bad_zpass_neginf",
     "bad_zpass_movie",
     "bad_zpass_sequencer_input",
-    "bad_zpass_framing",
+    "zpass_placed",
     "zpass_save_blend",
 )
 W, H = 80, 48
@@ -243,11 +243,23 @@ def test_zpass_rgb_is_what_the_strip_shows(results):
     assert red[H // 2, W // 2, 0] > red[H // 2, W // 2, 1] + 30  # the red box at the centre
 
 
-def test_flipped_strip_flips_rgb_and_depth(results):
-    for flipped, plain in zip(_frames(results, "flip", "z"), _frames(results, "preview", "z")):
-        assert np.array_equal(flipped, plain[:, ::-1])
-    for flipped, plain in zip(_frames(results, "flip", "rgb"), _frames(results, "preview", "rgb")):
-        assert np.abs(flipped.astype(int) - plain[:, ::-1].astype(int)).mean() < 1.0
+def test_a_placed_scene_strip_gets_its_scenes_own_picture_and_depth(results):
+    """Flipped, scaled, moved, rotated, cropped, blended: RGB and Z are the scene's own render, so
+    they line up with each other whatever the placement (the result strip takes the placement)."""
+    placed, plain = _frames(results, "placed", "z"), _frames(results, "preview", "z")
+    assert len(placed) == len(plain) == 3
+    for a, b in zip(placed, plain):
+        assert np.array_equal(a, b)
+    for a, b in zip(_frames(results, "placed", "rgb"), _frames(results, "preview", "rgb")):
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+
+
+def test_a_placed_scene_strips_result_takes_its_placement(results):
+    found = outcome(results, "zpass_placed")
+    assert found["state"] == "done", found["message"]
+    look = found["new"]["look"]
+    assert look["use_flip_x"] is True and look["transform.scale_y"] == pytest.approx(0.6)
+    assert look["crop.min_x"] == 4 and look["blend_type"] == "ADD" and look["blend_alpha"] == pytest.approx(0.7)
 
 
 def test_reversed_strip_gets_the_depth_of_the_frames_it_shows(results):
@@ -396,7 +408,6 @@ BAD = {
     "bad_zpass_neginf": "-inf",
     "bad_zpass_movie": "needs a scene strip",
     "bad_zpass_sequencer_input": "set the strip's Input to Camera",
-    "bad_zpass_framing": "to fill the frame",
 }
 
 
