@@ -527,6 +527,9 @@ def test_panel_layout(results):
     assert {"p2v.setup_runtime", "p2v.check_runtime", "p2v.release_runtime"} <= {
         e["operator"] for e in found["preferences"] if e["call"] == "operator"
     }
+    labels = [e["text"] for e in found["preferences_after_setup"] if e["call"] == "label"]
+    announced = labels.index("Installing torch, CPU build (no NVIDIA driver found), about 0.2 GB")
+    assert labels[announced + 1].startswith("Runtime ready:") and "Installing torch" not in str(found["preferences"])
     remote = [e["property"] for e in found["preferences_remote"] if e["call"] == "prop"]
     assert {"host", "port", "token", "token_file"} <= set(remote) and "python" not in remote
 

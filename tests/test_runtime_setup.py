@@ -9,12 +9,15 @@ tests/test_addon.py::test_runtime_setup_installs_the_wheel_and_says_what_is_miss
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 
 import pytest
 
+from blender_addon import runtime_setup
 from blender_addon import torch_build as tb
 
 pytestmark = pytest.mark.skipif(os.name == "nt", reason="the fake Python is a #! script")
@@ -267,3 +270,201 @@ def test_setup_probe_commands_time_out(tmp_path):
     assert time.monotonic() - started < 10
     assert tb.run_probe([str(tmp_path / "missing")])[0] is None
     assert tb.run_probe([sys.executable, "-c", "print('hi')"]) == (0, "hi\n")
+
+
+# --- the task, with a fake Python -----------------------------------------------------------------
+
+FAKE_PYTHON = r"""#!{python}
+import json, os, shutil, sys, time
+CONFIG = json.load(open({config!r}))
+args = sys.argv[1:]
+try:
+    with open(CONFIG["log"]) as handle:
+        first = handle.readline().rstrip("\n")
+except OSError:
+    first = None
+with open(CONFIG["calls"], "a") as handle:
+    handle.write(json.dumps({{"argv": args, "log_first_line": first}}) + "\n")
+torch = CONFIG["torch_file"]
+if args[:2] == ["-m", "venv"]:
+    os.makedirs(os.path.join(args[2], "bin"), exist_ok=True)
+    shutil.copy(__file__, os.path.join(args[2], "bin", "python"))
+elif args[:3] == ["-m", "pip", "install"] and "torch" in args:
+    if CONFIG.get("hang_in_torch"):
+        print("Collecting torch", flush=True)
+        time.sleep(60)
+    for line in CONFIG.get("downloads", []):
+        print(line)
+    url = args[args.index("--index-url") + 1] if "--index-url" in args else ""
+    label = url.rstrip("/").rsplit("/", 1)[-1] if url else ""
+    if not os.path.exists(torch):  # like pip: any torch already there satisfies "torch"
+        with open(torch, "w") as handle:
+            handle.write("2.5.1" + ("+" + label if label else ""))
+elif args[:3] == ["-m", "pip", "install"] and not os.path.exists(torch):  # torch as a dependency, from PyPI
+    with open(torch, "w") as handle:
+        handle.write("2.5.1")
+elif args[:3] == ["-m", "pip", "uninstall"]:
+    os.remove(torch)
+elif args[:1] == ["-c"] and "p2v_runtime" in args[1]:
+    print(json.dumps({{"p2v_runtime": "0.1.0", "torch": open(torch).read(), "device": CONFIG["device"]}}))
+elif args[:1] == ["-c"] and os.path.exists(torch):
+    print(open(torch).read())
+"""
+
+
+def fake_python(tmp_path, **config):
+    """A fake base Python (see the module docstring); returns it and the file of its calls."""
+    config = {
+        "calls": str(tmp_path / "calls.jsonl"),
+        "log": str(tmp_path / "setup.log"),
+        "torch_file": str(tmp_path / "torch-installed"),
+        "device": "cpu",
+        **config,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    python = tmp_path / "base-python"
+    python.write_text(FAKE_PYTHON.format(python=sys.executable, config=str(tmp_path / "config.json")))
+    python.chmod(0o755)
+    return str(python), tmp_path / "calls.jsonl"
+
+
+def calls(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def pip_calls(path) -> list[dict]:
+    return [c for c in calls(path) if c["argv"][:2] == ["-m", "pip"]]
+
+
+def run_task(tmp_path, machine=None, url="", **config):
+    python, recorded = fake_python(tmp_path, **config)
+    task = runtime_setup.SetupTask(
+        python,
+        str(tmp_path / "venv"),
+        ["/dist/p2v_runtime-0.1.0-py3-none-any.whl[runtime]"],
+        torch_index_url=url,
+        machine=machine,
+        log_path=str(tmp_path / "setup.log"),
+    )
+    task.start()
+    assert task.join(60)
+    return task, recorded
+
+
+@pytest.mark.parametrize(
+    "machine, url, index, device",
+    [
+        (tb.Machine("Linux", "x86_64"), "", CPU, "cpu"),
+        (tb.Machine("Darwin", "arm64"), "", "", "mps"),
+        (
+            nvidia(gpus=("NVIDIA GeForce RTX 3090",)),
+            "",
+            "https://download.pytorch.org/whl/cu124",
+            "cuda (NVIDIA GeForce RTX 3090)",
+        ),
+        (
+            tb.Machine("Linux", "x86_64", rocm="/opt/rocm", rocm_version=(6, 2)),
+            "",
+            "https://download.pytorch.org/whl/rocm6.2",
+            "cuda (AMD Radeon RX 7900 XTX)",
+        ),
+        (
+            tb.Machine("Linux", "x86_64"),
+            "https://download.pytorch.org/whl/cu121",
+            "https://download.pytorch.org/whl/cu121",
+            "cuda (NVIDIA A10)",
+        ),
+    ],
+)
+def test_setup_announces_then_installs_torch_from_the_chosen_index_first(tmp_path, machine, url, index, device):
+    task, recorded = run_task(tmp_path, machine, url, device=device)
+    assert task.state == "done", task.message
+    choice = tb.choose_torch(machine, url)
+    log = (tmp_path / "setup.log").read_text().splitlines()
+    assert task.announcement == choice.announcement() == log[0]
+    # The announcement was in the log before any pip ran (each fake call recorded the first line).
+    assert all(c["log_first_line"] == task.announcement for c in pip_calls(recorded))
+    commands = [c["argv"][:2] for c in calls(recorded) if c["argv"][0] != "-c"]  # -c: torch version, check
+    assert commands == [["-m", "venv"], ["-m", "pip"], ["-m", "pip"]]
+    torch_step, runtime_step = (c["argv"] for c in pip_calls(recorded))
+    pip = ["-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    label = "+" + index.rsplit("/", 1)[1] if index else ""
+    assert torch_step == pip + ["torch"] + (["--index-url", index] if index else [])
+    assert runtime_step == pip + ["/dist/p2v_runtime-0.1.0-py3-none-any.whl[runtime]", f"torch==2.5.1{label}"]
+    assert task.steps == task.step == 4
+    assert task.message == f"Runtime ready: p2v_runtime 0.1.0, torch 2.5.1{label}, device {device}"
+    assert f"torch 2.5.1{label} installed" in log
+
+
+def test_setup_replaces_another_torch_build_and_reports_what_was_downloaded(tmp_path):
+    (tmp_path / "torch-installed").write_text("2.5.1")  # an earlier set-up's PyPI (CUDA) build
+    downloads = [
+        "  Downloading https://download.pytorch.org/whl/cpu/torch-2.5.1%2Bcpu-cp311-cp311-linux_x86_64.whl (174.7 MB)",
+        "Downloading sympy-1.13.1-py3-none-any.whl (6.2 MB)",
+        "Downloading mpmath-1.3.0-py3-none-any.whl (536 kB)",
+    ]
+    task, recorded = run_task(tmp_path, tb.Machine("Linux", "x86_64"), downloads=downloads)
+    assert task.state == "done", task.message
+    argv = [c["argv"] for c in pip_calls(recorded)]
+    assert argv[0] == ["-m", "pip", "uninstall", "--yes", "torch"] and argv[1][-3:] == ["torch", "--index-url", CPU]
+    log = (tmp_path / "setup.log").read_text()
+    assert "== Removing torch 2.5.1, another build than the one chosen" in log
+    assert "torch 2.5.1+cpu installed, 0.18 GB downloaded" in log
+    # The same build already there is kept (pip finds it satisfied); nothing is removed.
+    (tmp_path / "calls.jsonl").unlink()
+    task, recorded = run_task(tmp_path, tb.Machine("Linux", "x86_64"))
+    assert task.state == "done" and [c["argv"][2] for c in pip_calls(recorded)] == ["install", "install"]
+
+
+def test_setup_says_when_a_gpu_build_finds_no_gpu(tmp_path):
+    task, _ = run_task(tmp_path, nvidia(), device="cpu")
+    assert task.state == "done"
+    assert task.message.endswith("device cpu (the CUDA build is installed but torch finds no GPU: see the log)")
+
+
+def test_setup_can_be_cancelled_while_torch_installs(tmp_path):
+    python, recorded = fake_python(tmp_path, hang_in_torch=True)
+    task = runtime_setup.SetupTask(
+        python, str(tmp_path / "venv"), ["p2v-runtime"], machine=nvidia(), log_path=str(tmp_path / "setup.log")
+    )
+    task.start()
+    deadline = time.monotonic() + 30
+    while "Collecting torch" not in task.lines and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert task.stage == "Installing torch" and task.announcement
+    started = time.monotonic()
+    task.cancel()
+    assert task.join(20) and time.monotonic() - started < 10
+    assert task.state == "cancelled" and task.message == "Set-up cancelled"
+    assert len(pip_calls(recorded)) == 1  # the runtime was never installed
+
+
+def test_setup_without_a_torch_choice_installs_only_the_runtime(tmp_path):
+    """What the existing callers (tests, scripts) get: no probe, no torch step, no announcement."""
+    task, recorded = run_task(tmp_path)
+    assert task.state == "done" and task.announcement == "" and task.steps == 3
+    assert [c["argv"][-1] for c in pip_calls(recorded)] == ["/dist/p2v_runtime-0.1.0-py3-none-any.whl[runtime]"]
+
+
+def test_setup_detects_the_machine_in_its_thread(tmp_path, monkeypatch):
+    seen = []
+
+    def probe():
+        seen.append(True)
+        return tb.Machine("Linux", "x86_64")
+
+    monkeypatch.setattr(tb, "probe_machine", probe)
+    python, recorded = fake_python(tmp_path)
+    task = runtime_setup.SetupTask(
+        python, str(tmp_path / "venv"), ["p2v-runtime"], detect_torch=True, log_path=str(tmp_path / "setup.log")
+    )
+    task.start()
+    assert task.join(60) and task.state == "done" and seen == [True]
+    assert pip_calls(recorded)[0]["argv"][-2:] == ["--index-url", CPU]
+
+
+def test_setup_torch_version_snippet_runs(tmp_path):
+    """The real snippet on a real Python: a version (this venv has torch) or nothing, never an error."""
+    done = subprocess.run([sys.executable, "-c", runtime_setup.TORCH_VERSION_SNIPPET], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.strip() == "" or done.stdout.strip()[0].isdigit()
