@@ -276,6 +276,7 @@ class P2V_OT_setup_runtime(bpy.types.Operator):
                 venv_dir,
                 [package],
                 torch_index_url=prefs.torch_index_url if prefs is not None else "",
+                detect_torch=True,
                 log_path=os.path.join(preferences.log_dir(), "setup.log"),
             )
         )

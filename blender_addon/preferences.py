@@ -124,8 +124,8 @@ class P2VPreferences(bpy.types.AddonPreferences):
     )
     torch_index_url: StringProperty(
         name="Torch index URL",
-        description="Install torch from here first, e.g. a CUDA or ROCm index of pytorch.org "
-        "(empty: PyPI's default build)",
+        description="Install torch from here, e.g. a CUDA or ROCm index of pytorch.org (empty: the build "
+        "for this computer: CUDA for an NVIDIA driver, ROCm where ROCm is installed, else CPU; PyPI's on macOS)",
     )
     runtime_package: StringProperty(
         name="Runtime package", description="What pip installs (empty: the runtime wheel shipped with the add-on)"
@@ -166,6 +166,8 @@ class P2VPreferences(bpy.types.AddonPreferences):
         box.prop(self, "torch_index_url")
         box.prop(self, "runtime_package")
         task = runtime_setup.current_task()
+        if task is not None and task.announcement:  # which torch build, about how big: before pip starts
+            box.label(text=task.announcement, icon="INFO")
         if task is not None and task.state == "running":
             compat.layout_progress(box, task.progress, f"{task.stage} ({task.step + 1}/{task.steps})")
             box.operator("p2v.cancel_setup", icon="CANCEL")

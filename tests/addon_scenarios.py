@@ -623,6 +623,18 @@ def scenario_panel_draw():
     fake.layout = Recorder()
     prefs_mod.P2VPreferences.draw(fake, bpy.context)
     local = fake.layout.log
+    # A set-up that has chosen its torch build: the box shows which, before pip's lines.
+    setup = mod("runtime_setup")
+    task = setup.SetupTask(CONFIG["base_python"], os.path.join(CONFIG["work"], "unused-venv"), [])
+    task.announcement = "Installing torch, CPU build (no NVIDIA driver found), about 0.2 GB"
+    task.state, task.message = "done", "Runtime ready: p2v_runtime 0.1.0, torch 2.5.1+cpu, device cpu"
+    setup._task = task
+    try:
+        fake.layout = Recorder()
+        prefs_mod.P2VPreferences.draw(fake, bpy.context)
+        after_setup = fake.layout.log
+    finally:
+        setup._task = None
     fake.runtime_mode = "REMOTE"
     fake.layout = Recorder()
     prefs_mod.P2VPreferences.draw(fake, bpy.context)
@@ -632,6 +644,7 @@ def scenario_panel_draw():
         "running": running,
         "preferences": local,
         "preferences_remote": fake.layout.log,
+        "preferences_after_setup": after_setup,
     }
 
 

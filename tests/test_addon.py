@@ -268,6 +268,67 @@ def test_runtime_setup_installs_the_wheel_and_says_what_is_missing(built_addon, 
     assert "Installing the runtime" in log and "Successfully installed p2v-runtime" in log
 
 
+def _fake_torch_index(root: Path, label: str) -> str:
+    """A PEP 503 index folder ``root/<label>`` with one torch wheel: a module that imports in no time
+    and finds no GPU, versioned like PyTorch's builds (``2.5.1+cpu``)."""
+    version = f"2.5.1+{label}"
+    dist = f"torch-{version}.dist-info"
+    files = {
+        "torch/__init__.py": f"__version__ = {version!r}\n"
+        "class cuda:\n    is_available = staticmethod(lambda: False)\n"
+        "class backends:\n    mps = None\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    folder = root / label / "torch"
+    folder.mkdir(parents=True)
+    name = f"torch-{version}-py3-none-any.whl"
+    (folder / "index.html").write_text(
+        f'<a href="{name.replace("+", "%2B")}">{name}</a>\n'
+    )  # pip reads a file: index's pages
+    with zipfile.ZipFile(folder / name, "w") as whl:
+        for name, text in files.items():
+            whl.writestr(name, text)
+        whl.writestr(f"{dist}/RECORD", "".join(f"{name},,\n" for name in files) + f"{dist}/RECORD,,\n")
+    return (root / label).as_uri()
+
+
+def test_runtime_setup_installs_torch_from_its_index_with_real_pip(built_addon, tmp_path):
+    """The torch step with real pip from a local index: torch first, then the runtime with torch
+    pinned; a second set-up with another build replaces the first (pip alone would keep it)."""
+    from blender_addon import runtime_setup
+
+    with zipfile.ZipFile(built_addon["extension"]) as archive:
+        wheel_name = next(n for n in archive.namelist() if n.endswith(".whl"))
+        wheel = tmp_path / Path(wheel_name).name
+        wheel.write_bytes(archive.read(wheel_name))
+    venv = tmp_path / "venv"
+    # Only the given index: no pip configuration (this machine's lists a real torch wheel).
+    env = {"PIP_CONFIG_FILE": os.devnull, "PIP_FIND_LINKS": "", "PIP_EXTRA_INDEX_URL": ""}
+    for label in ("cpu", "cu124"):
+        task = runtime_setup.SetupTask(
+            bh.base_python(),
+            str(venv),
+            [str(wheel)],
+            torch_index_url=_fake_torch_index(tmp_path / "whl", label),
+            pip_args=["--no-deps"],
+            log_path=str(tmp_path / f"setup-{label}.log"),
+            env=env,
+        )
+        task.start()
+        assert task.join(300)
+        assert task.state == "done", task.message
+        assert task.steps == task.step == 4
+        log = (tmp_path / f"setup-{label}.log").read_text()
+        assert log.startswith(f"Installing torch, the build at {tmp_path.as_uri()}/whl/{label} (Torch index URL")
+        assert f"torch 2.5.1+{label} installed" in log and f"torch==2.5.1+{label}" in log
+        assert ("Removing torch 2.5.1+cpu" in log) == (label == "cu124")
+    assert task.message == (
+        "Runtime ready: p2v_runtime 0.1.0, torch 2.5.1+cu124, device cpu "
+        "(the CUDA build is installed but torch finds no GPU: see the log)"
+    )
+
+
 def test_runtime_setup_can_be_cancelled(tmp_path):
     from blender_addon import runtime_setup
 
@@ -557,6 +618,9 @@ def test_panel_layout(results):
     assert {"p2v.setup_runtime", "p2v.check_runtime", "p2v.release_runtime"} <= {
         e["operator"] for e in found["preferences"] if e["call"] == "operator"
     }
+    labels = [e["text"] for e in found["preferences_after_setup"] if e["call"] == "label"]
+    announced = labels.index("Installing torch, CPU build (no NVIDIA driver found), about 0.2 GB")
+    assert labels[announced + 1].startswith("Runtime ready:") and "Installing torch" not in str(found["preferences"])
     remote = [e["property"] for e in found["preferences_remote"] if e["call"] == "prop"]
     assert {"host", "port", "token", "token_file"} <= set(remote) and "python" not in remote
 
