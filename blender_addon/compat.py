@@ -22,7 +22,9 @@ The rest of the add-on calls these functions instead of touching the renamed par
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import bpy
 
@@ -209,22 +211,54 @@ def render_still(scene, filepath: str) -> None:
     operator inside a context override while another Python thread runs (the job's socket
     worker) crashes Blender 4.2 .. 5.0 (a GIL mix-up); switching the window's scene does not.
     The render result is saved here rather than with ``write_still``, which would print a line
-    per frame.
+    per frame; in background mode Blender's own lines of the render (a Z pass's File Output prints
+    "Saved: ..." for every frame) are kept off stdout, where a script's progress lines go.
     """
     window = bpy.context.window
-    if window is not None:
-        previous = window.scene
-        window.scene = scene
-        try:
-            result = bpy.ops.render.render(write_still=False)
-        finally:
-            window.scene = previous
-    else:  # no window at all: the override is the only way (nothing else should run then)
-        with bpy.context.temp_override(scene=scene):
-            result = bpy.ops.render.render(write_still=False)
+    with quiet_stdout(bpy.app.background):
+        if window is not None:
+            previous = window.scene
+            window.scene = scene
+            try:
+                result = bpy.ops.render.render(write_still=False)
+            finally:
+                window.scene = previous
+        else:  # no window at all: the override is the only way (nothing else should run then)
+            with bpy.context.temp_override(scene=scene):
+                result = bpy.ops.render.render(write_still=False)
     if "FINISHED" not in result:
         raise RuntimeError(f"Blender could not render frame {scene.frame_current} of scene {scene.name!r}")
     bpy.data.images["Render Result"].save_render(filepath, scene=scene)
+
+
+@contextlib.contextmanager
+def quiet_stdout(active: bool = True):
+    """Send what Blender's C code prints to stdout nowhere for the block (file descriptor 1)."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    _flush_c_stdout()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        _flush_c_stdout()
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _flush_c_stdout() -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None) if os.name != "nt" else ctypes.cdll.msvcrt
+        libc.fflush(None)
+    except (OSError, AttributeError):
+        pass
 
 
 def user_folder(package: str, *parts: str) -> str:

@@ -83,6 +83,8 @@ class EditJob:
         self.state = "new"  # new, running, done, cancelled, failed
         self.message = ""
         self.status = JobStatus()
+        self._stage_done: dict = {}  # stage -> steps done, as the runtime reports them
+        self._progress = 0.0
         self.total = 0
         self.stats: dict = {}
         self.warnings: list[str] = []  # the runtime's warnings (e.g. a setting it adjusted)
@@ -105,6 +107,17 @@ class EditJob:
     @property
     def running(self) -> bool:
         return self.state == "running"
+
+    @property
+    def progress(self) -> float:
+        """The whole job's progress, 0..1, never going back (the runtime's stage counters take turns:
+        inversion 3/12 after edit 2/12): the inversion and edit steps of every frame, the bulk of it."""
+        if self.state == "done":
+            return 1.0
+        steps = max(1, self.total * self.settings.steps)
+        done = self._stage_done.get("inversion", 0) + self._stage_done.get("edit", 0)
+        self._progress = max(self._progress, min(1.0, done / (2 * steps)))
+        return self._progress
 
     @property
     def frames_done(self) -> int:
@@ -184,7 +197,7 @@ class EditJob:
         if self.runtime.mode == "REMOTE":
             runtime_process.require_wire()
         else:
-            runtime_process.resolve_python(self.runtime.python)
+            runtime_process.resolve_python(self.runtime.python, self.runtime.python_hint)
         self.output = output_strip.OutputStrip(
             self.scene,
             self.strip,
@@ -265,6 +278,7 @@ class EditJob:
         if kind == "progress":
             _, stage, done, total = event
             self.status = JobStatus(stage, done, total)
+            self._stage_done[stage] = max(done, self._stage_done.get(stage, 0))
         elif kind == "frame":
             self.output.append(event[1])
         elif kind == "warning":

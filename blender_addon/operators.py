@@ -145,10 +145,9 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
         job = self._job
         workspace = getattr(context, "workspace", None)
         if workspace is not None and job is not None:
-            status = job.status
             workspace.status_text_set(
-                f"Pix2Video: {status.stage} {status.stage_done}/{status.stage_total}, "
-                f"{job.frames_done}/{job.total} frames (Esc to cancel)"
+                f"Pix2Video: {job.progress:.0%}, {job.frames_done}/{job.total} frames, {job.status.stage} "
+                "(Esc to cancel)"
             )
 
     def _finished(self, context, job):

@@ -167,14 +167,18 @@ class OutputStrip:
         self.record = dict(record or {})  # custom properties of the result strip
         self.name = name or f"{source.name} p2v"
         root, self.unsaved = output_root(output_dir, bpy.data.filepath)
+        self._made_root = not os.path.isdir(root)
         self.folder = reserve_folder(root, source.name)  # created now: no other job can take it
         self.strip_name: str | None = None
         self.files: list[str] = []  # frame files the strip shows, in order
 
     def release(self) -> None:
-        """Remove the folder again if no frame was written into it (a job that never started)."""
+        """Remove the folder again if no frame was written into it (a job that never started), and
+        the output folder too when this job made it and it is empty: a refused job changes nothing."""
         try:
             os.rmdir(self.folder)
+            if self._made_root:
+                os.rmdir(os.path.dirname(self.folder))
         except OSError:
             pass
 

@@ -53,14 +53,9 @@ class SEQUENCER_PT_p2v(bpy.types.Panel):
                 layout.label(text=reason, icon="INFO")
         else:
             status = running.status
-            factor = running.frames_done / running.total if running.total else 0.0
-            compat.layout_progress(layout, factor, f"{running.frames_done}/{running.total} frames")
-            if status.stage_total:
-                compat.layout_progress(
-                    layout,
-                    status.stage_done / status.stage_total,
-                    f"{status.stage} {status.stage_done}/{status.stage_total}",
-                )
+            compat.layout_progress(
+                layout, running.progress, f"{running.frames_done}/{running.total} frames, {status.stage}"
+            )
             layout.operator("sequencer.p2v_cancel", text="Cancel", icon="CANCEL")
 
         box = layout.box()

@@ -103,6 +103,10 @@ class RuntimeConfig:
     log_dir: str = ""
     env: dict = field(default_factory=dict)  # extra environment for a local runtime
     serve_args: tuple = ()  # extra `p2v serve` arguments for a local runtime (tests: --job-runner echo)
+    # Where the user sets what a message asks to fix: the preferences in Blender, options headless.
+    python_hint: str = "the path in the Pix2Video preferences"
+    server_hint: str = "the host and port of the running runtime in the Pix2Video preferences"
+    token_hint: str = "the token in the Pix2Video preferences"
 
     def describe(self) -> str:
         return (
@@ -117,7 +121,7 @@ def venv_python(folder: str) -> str:
     return os.path.join(folder, "bin", "python")
 
 
-def resolve_python(path: str) -> str:
+def resolve_python(path: str, hint: str = "the path in the Pix2Video preferences") -> str:
     """An absolute path to an existing Python, or a :class:`P2VAddonError` that says what to do."""
     if not path:
         raise P2VAddonError(
@@ -129,7 +133,7 @@ def resolve_python(path: str) -> str:
         expanded = venv_python(expanded)
     found = expanded if os.path.isfile(expanded) else shutil.which(expanded)
     if not found:
-        raise P2VAddonError(f"The runtime Python {path} is not found: check the path in the Pix2Video preferences")
+        raise P2VAddonError(f"The runtime Python {path} is not found: check {hint}")
     if not os.access(found, os.X_OK):
         raise P2VAddonError(f"The runtime Python {found} is not executable")
     return os.path.abspath(found)
@@ -319,7 +323,7 @@ def ensure_local(config: RuntimeConfig) -> RuntimeProcess:
     """The warm local runtime for ``config.python``, started now if there is none (main thread)."""
     global _runtime
     require_wire()
-    python = resolve_python(config.python)
+    python = resolve_python(config.python, config.python_hint)
     with _lock:
         running = _runtime
         if (
@@ -363,7 +367,7 @@ def connect(config: RuntimeConfig, process: RuntimeProcess | None, cancel: threa
     if config.mode == "REMOTE":
         host, port, token = config.host, int(config.port), config.token
         if not host or not 0 < port < 65536:
-            raise P2VAddonError("Set the host and port of the running runtime in the Pix2Video preferences")
+            raise P2VAddonError(f"Set {config.server_hint}")
     else:
         process.wait_ready(cancel)
         host, port, token = process.host, process.port, process.token
@@ -371,9 +375,7 @@ def connect(config: RuntimeConfig, process: RuntimeProcess | None, cancel: threa
         return wire_client.Client(host, port, token, timeout=60.0, connect_timeout=10.0, name="pix2video-blender")
     except wire.RemoteError as exc:
         if exc.code == wire.E_AUTH:
-            raise P2VAddonError(
-                f"The runtime at {host}:{port} refused the token: check the token in the Pix2Video preferences"
-            ) from None
+            raise P2VAddonError(f"The runtime at {host}:{port} refused the token: check {config.token_hint}") from None
         raise P2VAddonError(f"The runtime at {host}:{port} refused the connection: {exc.message}") from None
     except wire.ConnectionLost as exc:
         raise P2VAddonError(

@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-frames", type=int, default=0, help="refuse strips with more frames than this (0: no limit)"
     )
+    parser.add_argument("--yes", action="store_true", help="edit a strip longer than --max-frames anyway")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -202,10 +203,16 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
         runtime,
         output_dir=output_dir,
         max_frames=max(0, args.max_frames),
+        confirmed=args.yes,
         save_depth_dir=os.path.abspath(args.save_depth) if args.save_depth else "",
     )
     try:
         job.start()
+    except errors.StripTooLong as exc:
+        return fail(
+            f"strip '{strip.name}' shows {exc.frames} frames, more than --max-frames {exc.limit}: "
+            "pass --yes to edit it anyway (or a smaller --frames range)"
+        )
     except errors.P2VAddonError as exc:
         return fail(exc)
     with_depth = f", depth: Z pass ({settings.zpass_render})" if settings.depth == "zpass" else ""
@@ -218,8 +225,7 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
     last = [None, 0.0]
 
     def report(current):
-        status = current.status
-        line = f"{current.frames_done}/{current.total} frames, {status.stage} {status.stage_done}/{status.stage_total}"
+        line = f"{current.progress:6.1%} ({current.frames_done}/{current.total} frames, {current.status.stage})"
         now = time.monotonic()
         if line != last[0] and (now - last[1] > 0.5 or current.frames_done != getattr(report, "frames", -1)):
             say(line, args.quiet)
@@ -262,12 +268,18 @@ def _runtime_config(args, prefs, preferences, runtime_process):
                 raise preferences_error(
                     preferences, f"cannot read --token-file {args.token_file}: {exc.strerror or exc}"
                 ) from None
-        return runtime_process.RuntimeConfig(mode="REMOTE", host=host.strip("[]"), port=int(port), token=token)
-    config = preferences.runtime_config(prefs)
-    python = args.runtime_python or os.environ.get("P2V_RUNTIME_PYTHON", "") or config.python or sys.executable
-    config.mode = "LOCAL"
-    config.python = python
-    config.idle_timeout = 300.0
+        config = runtime_process.RuntimeConfig(mode="REMOTE", host=host.strip("[]"), port=int(port), token=token)
+    else:
+        config = preferences.runtime_config(prefs)
+        config.mode = "LOCAL"
+        config.python = (
+            args.runtime_python or os.environ.get("P2V_RUNTIME_PYTHON", "") or config.python or sys.executable
+        )
+        config.idle_timeout = 300.0
+    # Messages name what a script can change, not the add-on's preferences.
+    config.python_hint = "--runtime-python (or $P2V_RUNTIME_PYTHON)"
+    config.server_hint = "--server HOST:PORT"
+    config.token_hint = "the token in --token-file (or $P2V_TOKEN)"
     return config
 
 

@@ -753,6 +753,43 @@ def scenario_placed_image():
             strips.remove(compat.all_strips(editor)[name])
 
 
+def scenario_muted_source():
+    """The source strip muted and its channel muted (to see only results): it is still edited."""
+    scene = bpy.data.scenes["Edit"]
+    editor, compat = scene.sequence_editor, mod("compat")
+    img = compat.all_strips(editor)["img"]
+    channels = getattr(editor, "channels", None)
+    img.mute = True
+    if channels is not None:
+        channels[img.channel].mute = True
+    job = None
+    try:
+        job = make_job("img", runtime_config=echo_runtime())
+        result = run_job(job)
+        result["new"] = new_strip_info(job)
+        result["muted_after"] = [img.mute, None if channels is None else channels[img.channel].mute]
+        return result
+    finally:
+        img.mute = False
+        if channels is not None:
+            channels[img.channel].mute = False
+        if job is not None:
+            remove_new_strip(job)
+
+
+def scenario_naming():
+    """Result names: the source's name and the prompt shortened, never the marker."""
+    name = mod("output_strip").result_name
+    cases = {
+        "short": name("Wolf", "a red fox"),
+        "long_source": name("A" * 80, "a red fox"),
+        "long_prompt": name("Wolf", "a marble sculpture of a woman running, Venus de Milo, in a museum hall"),
+        "unicode": name("Ünïcødé strip ✓" * 4, "ein Wolf aus Glas ✓ " * 4),
+        "no_prompt": name("B" * 80, ""),
+    }
+    return {key: {"name": value, "bytes": len(value.encode("utf-8"))} for key, value in cases.items()}
+
+
 def scenario_operator_poll():
     """The operator's poll explains why it is unavailable; the edit runs through bpy.ops too."""
     ops = mod("operators")
@@ -1590,6 +1627,8 @@ SCENARIOS = {
     "panel_draw": scenario_panel_draw,
     "schema_walk": scenario_schema_walk,
     "placed_image": scenario_placed_image,
+    "muted_source": scenario_muted_source,
+    "naming": scenario_naming,
     "operator_poll": scenario_operator_poll,
     "operator_run": scenario_operator_run,
     "operator_in_override": scenario_operator_in_override,

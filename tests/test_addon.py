@@ -63,6 +63,8 @@ SCENARIOS = (
     "panel_draw",
     "schema_walk",
     "placed_image",
+    "muted_source",
+    "naming",
     "operator_poll",
     "operator_run",
     "operator_in_override",
@@ -402,6 +404,25 @@ def test_a_placed_strip_is_edited_as_its_own_picture_and_composites_where_it_was
     assert found["composite_red"] > 0.5  # the red strip shows around the image
     assert found["composite_difference"] < 0.5  # the result, in place of the source, looks the same
     assert found["composite_difference_without_look"] > 10 * max(found["composite_difference"], 0.5)
+
+
+def test_a_muted_source_on_a_muted_channel_is_still_edited(results):
+    found = outcome(results, "muted_source")
+    assert found["state"] == "done", found["message"]
+    assert found["new"]["files_on_disk"] == [f"{i:06d}.png" for i in range(5)]
+    media_dir = Path(results["_media"])
+    first = bh.read_png(Path(found["new"]["folder"]) / "000000.png")
+    assert np.array_equal(first, bh.read_png(media_dir / "imgs" / "f002.png"))  # the picture, not black
+    assert found["muted_after"][0] is True  # the user's strip stays muted
+
+
+def test_result_names_keep_the_marker_and_fit(results):
+    found = outcome(results, "naming")
+    assert found["short"]["name"] == "Wolf p2v a red fox"
+    for key in ("long_source", "long_prompt", "unicode", "no_prompt"):
+        assert " p2v" in found[key]["name"] and found[key]["bytes"] <= 63, found[key]
+    assert found["long_source"]["name"].endswith(" p2v a red fox")
+    assert found["long_prompt"]["name"].startswith("Wolf p2v a marble") and found["long_prompt"]["name"].endswith("...")
 
 
 def test_frames_sent_are_what_the_strip_shows(results):
@@ -764,6 +785,14 @@ def test_headless_edit_saves_the_new_strip(version, blend_files, tiny_models, tm
     assert result == [5, 21, 7, "//p2v/mov_1/"]
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_headless_bad_input_is_one_line(blend_files, tmp_path):
     python = bh.bpy_python("5.0")
     blend = tmp_path / "copy.blend"
@@ -775,7 +804,7 @@ def test_headless_bad_input_is_one_line(blend_files, tmp_path):
         (
             ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--max-frames", "2"],
             1,
-            "more than the limit of 2",
+            "more than --max-frames 2: pass --yes to edit it anyway",
         ),
         (["--blend", str(blend), "--strip", "img"], 2, "Prompt (--prompt) is empty"),
         (
@@ -796,7 +825,12 @@ def test_headless_bad_input_is_one_line(blend_files, tmp_path):
         (
             ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--runtime-python", "/nonexistent/python"],
             1,
-            "is not found",
+            "is not found: check --runtime-python (or $P2V_RUNTIME_PYTHON)",
+        ),
+        (
+            ["--blend", str(blend), "--strip", "img", "--prompt", "x", "--server", f"127.0.0.1:{_closed_port()}"],
+            1,
+            "Cannot connect to the runtime",
         ),
     ]
     for args, code, text in cases:

@@ -508,6 +508,9 @@ def test_headless_zpass_edit_through_a_server(results, recorder, tiny_models, tm
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("p2v_blender: ")]
     assert "depth: Z pass (preview)" in lines[0] and "Edited 3 frame(s)" in lines[-1]
+    assert not [line for line in done.stdout.splitlines() if line.startswith(("Saved:", "Fra:"))]  # no render noise
+    percents = [float(line.split()[1].rstrip("%")) for line in lines if line.split()[1].endswith("%")]
+    assert percents and percents == sorted(percents)  # one progress figure that never goes back
     job = recorder.job(prompt)
     for index, scene_frame in enumerate((2, 3, 4)):
         z = np.load(job / f"z_{index}.npy")
