@@ -1,4 +1,4 @@
-"""The ``p2v`` command: edit, eval, ablate, serve, ping, make-tiny-models (and the benchmarks' entry points).
+"""The ``p2v`` command: edit, eval, ablate, serve, ping, models, make-tiny-models (and the benchmarks' entry points).
 
 Every failure a user can cause ends in one line ``p2v: error: ...`` and a non-zero exit code;
 nothing already written (input, earlier frames) is touched.
@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--server", metavar="HOST:PORT", help="run the edit on a running `p2v serve`")
     edit.add_argument("--quiet", action="store_true", help="no progress bars")
     edit.set_defaults(handler=edit_main)
+
+    from . import models_cli
+
+    models = commands.add_parser(
+        "models", help="fetch, list and check the models in the Hugging Face cache (the first run's download)"
+    )
+    models_cli.add_models_arguments(models)
 
     tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight models for tests")
     tiny.add_argument("dir")
