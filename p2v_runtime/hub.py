@@ -473,9 +473,10 @@ def check_disk(plan: Plan) -> None:
 class ByteMeter:
     """Bytes done of a total, with the rate and time left over the last few seconds."""
 
-    def __init__(self, total: int, done: int = 0, clock: Callable[[], float] = time.monotonic):
-        self.total, self.done, self.clock = total, done, clock
-        self.started = clock()
+    def __init__(self, total: int, done: int = 0, clock: Callable[[], float] | None = None):
+        self.total, self.done = total, done
+        self.clock = clock or (lambda: time.monotonic())
+        self.started = self.clock()
         self.samples: list[tuple[float, int]] = [(self.started, done)]
 
     def advance(self, count: int) -> None:

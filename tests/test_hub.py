@@ -423,3 +423,21 @@ def test_check_names_what_is_missing_without_loading(tmp_path, monkeypatch, caps
     assert "only partly in the Hugging Face cache" in model["summary"]
     assert [p["name"] for p in model["parts"]] == ["unet/weights"]
     assert "not in the Hugging Face cache" in captioner["summary"]
+
+
+def test_an_edit_draws_a_download_like_fetch(capsys, monkeypatch):
+    from p2v_runtime.progress import ProgressBars
+
+    bars = ProgressBars(enabled=True, steps=4)
+    bars.interactive = False
+    now = [0.0]
+    monkeypatch.setattr(hub.time, "monotonic", lambda: now[0])
+    for done in (0, 1_000_000, 2_000_000, 4_000_000):
+        now[0] += 3
+        bars("download", done, 4_000_000)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "p2v: download 0 B of 4 MB (0%)",
+        "p2v: download 2 MB of 4 MB (50%), 333 kB/s, 6 s left",
+        "p2v: download 4 MB of 4 MB (100%), 444 kB/s",
+    ]

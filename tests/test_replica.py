@@ -334,3 +334,51 @@ def test_check_reports_a_broken_part(replica_models, tmp_path):
     assert not parts["unet"]["ok"] and parts["unet"]["state"].startswith("cannot load: ")
     assert all(p["ok"] for name, p in parts.items() if name != "unet")
     assert report["models"][1]["ok"]
+
+
+def test_an_edit_downloads_a_missing_model_with_a_warning_and_progress(replica_models, tmp_path):
+    cache = tmp_path / "hf-cache"
+    populate_hf_cache(cache, SD2, replica_models["sd2-depth"])  # the captioner is missing
+    clip = write_png_clip(tmp_path / "clip", [np.full((64, 64, 3), 90, np.uint8)])
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    with FakeHub() as fake:
+        fake.add_repo(BLIP_LARGE, replica_models["blip-large"])
+        env["HF_ENDPOINT"] = fake.url
+        edit = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "p2v_runtime.cli",
+                "edit",
+                str(clip),
+                "--prompt",
+                "a red car",
+                "--out",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+                "--steps",
+                "1",
+                "--size",
+                "64",
+                "--cache-dir",
+                str(tmp_path / "inversions"),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert fake.downloads(SD2) == []  # found in the cache: not even asked for
+    assert edit.returncode == 0, edit.stderr
+    lines = edit.stderr.splitlines()
+    warning = next(line for line in lines if "downloading" in line)
+    assert warning.startswith(
+        f"p2v: warning: downloading captioner `{BLIP_LARGE}` (fp32): 10.9 MB of 10.9 MB into {cache}"
+    )
+    assert lines.index(warning) < lines.index(
+        next(line for line in lines if line.startswith("p2v: download 10.9 MB of 10.9 MB (100%)"))
+    )
+    assert hub.local_status(hub.cached_snapshot(BLIP_LARGE, cache), "fp32").complete
