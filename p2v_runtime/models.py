@@ -1,4 +1,8 @@
-"""Loading models by hub id or local folder, choosing device and dtype, and the warm model cache.
+"""Loading models, choosing device and dtype, and the warm model cache.
+
+Models load from folders: a local one, or the Hugging Face cache's snapshot of a hub id, which
+``hub.local_model`` finds (and fetches when it is missing); the fp16 variant files are used where
+the folder has them.
 
 The server keeps models loaded across jobs; this module's cache is the one place that state lives.
 It holds at most one model of each kind (depth pipeline, captioner, CLIP, RAFT), keyed by what
