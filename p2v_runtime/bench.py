@@ -136,10 +136,10 @@ def full_size_feature_bytes(steps: int = 50, height: int = 512, width: int = 512
     from diffusers import UNet2DConditionModel
 
     from .attention import FeatureBank, injection_installed, self_attention_layers
-    from .tiny_models import sd2_depth_unet_config
+    from .replica_models import reference_config
 
-    config = sd2_depth_unet_config("full")
-    unet = UNet2DConditionModel(**config).eval()
+    config = reference_config("sd2-depth/unet/config.json")  # the published UNet
+    unet = UNet2DConditionModel.from_config(config).eval()
     bank = FeatureBank("anchor+previous")
     latent = torch.randn(2, 5, height // 8, width // 8)
     text = torch.randn(2, 77, config["cross_attention_dim"])

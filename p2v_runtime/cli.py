@@ -1,4 +1,4 @@
-"""The ``p2v`` command: edit, eval, ablate, serve, ping, make-tiny-models (and the benchmarks' entry points).
+"""The ``p2v`` command: edit, eval, ablate, serve, ping, models, make-tiny-models (and the benchmarks' entry points).
 
 Every failure a user can cause ends in one line ``p2v: error: ...`` and a non-zero exit code;
 nothing already written (input, earlier frames) is touched.
@@ -60,14 +60,33 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--quiet", action="store_true", help="no progress bars")
     edit.set_defaults(handler=edit_main)
 
-    tiny = commands.add_parser("make-tiny-models", help="write tiny random-weight models for tests")
+    from . import models_cli
+
+    models = commands.add_parser(
+        "models", help="fetch, list and check the models in the Hugging Face cache (the first run's download)"
+    )
+    models_cli.add_models_arguments(models)
+
+    tiny = commands.add_parser(
+        "make-tiny-models",
+        help="write random-weight models in the real layouts, for tests and benchmarks",
+        description="By default DIR/sd2-depth, DIR/blip and DIR/clip: tiny stand-ins (seconds a clip on a CPU).",
+    )
     tiny.add_argument("dir")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument(
+    kind = tiny.add_mutually_exclusive_group()
+    kind.add_argument(
+        "--replica",
+        action="store_true",
+        help="instead write DIR/sd2-depth, DIR/blip-base and DIR/blip-large from the real checkpoints' "
+        "configuration files (fp32 files and fp16 variants, .bin where the real repository has only .bin), "
+        "only widths and depths shrunk (about 150 MB)",
+    )
+    kind.add_argument(
         "--full-size",
         action="store_true",
-        help="instead write DIR/sd2-depth-full: SD 2 depth's full-size architecture with random "
-        "weights in fp16 (about 2.6 GB), for GPU benchmarks",
+        help="instead write DIR/sd2-depth-full: SD 2 depth at its published sizes, DPT-Hybrid included, "
+        "random weights as fp16 variant files (about 2.6 GB), for GPU benchmarks",
     )
     tiny.set_defaults(handler=make_tiny_models_main)
 
@@ -199,12 +218,19 @@ def _checked_output_dir(args: argparse.Namespace, frames) -> Path:
 
 
 def make_tiny_models_main(args: argparse.Namespace) -> int:
-    from .tiny_models import write_full_size_sd2_depth, write_tiny_models
-
     if args.full_size:
-        print(f"sd2-depth-full: {write_full_size_sd2_depth(args.dir, seed=args.seed)}")
+        from .replica_models import write_full_size_replica
+
+        print(f"sd2-depth-full: {write_full_size_replica(args.dir, seed=args.seed)}")
         return 0
-    paths = write_tiny_models(args.dir, seed=args.seed)
+    if args.replica:
+        from .replica_models import write_replicas
+
+        paths = write_replicas(args.dir, seed=args.seed)
+    else:
+        from .tiny_models import write_tiny_models
+
+        paths = write_tiny_models(args.dir, seed=args.seed)
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0

@@ -134,7 +134,9 @@ class _ClipEditor:
         """
         settings, stats = self.settings, self.stats
         self.report("load", 0, 1)
-        pipeline, loaded = load_depth_pipeline(settings.model, settings.device, settings.dtype)
+        pipeline, loaded = load_depth_pipeline(
+            settings.model, settings.device, settings.dtype, progress=self._download_progress, warn=self.warn
+        )
         if loaded:
             stats.model_load_seconds += pipeline.load_seconds
         self.report("load", 1, 1)
@@ -235,7 +237,9 @@ class _ClipEditor:
         if self.settings.source_prompt is not None:
             return self.settings.source_prompt
         self.report("caption", 0, 1)
-        captioner, loaded = load_captioner(self.settings.captioner, self.settings.device)
+        captioner, loaded = load_captioner(
+            self.settings.captioner, self.settings.device, progress=self._download_progress, warn=self.warn
+        )
         if loaded:
             self.stats.model_load_seconds += captioner.load_seconds
         caption = caption_frame(captioner, first)
@@ -353,6 +357,11 @@ class _ClipEditor:
         return resize_rgb(rgb, tuple(self.frames.size))
 
     # -- bookkeeping --------------------------------------------------------------------------
+
+    def _download_progress(self, stage: str, done: int, total: int) -> None:
+        """A model being downloaded reports bytes like any stage, and stops when the job is cancelled."""
+        self._check_cancel()
+        self.report(stage, done, total)
 
     def _check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():

@@ -384,9 +384,14 @@ def evaluate_clip(
     if flow == "raft" and not raft_available():
         _raft_model()  # raises the clear error before any work is done
     from .models import load_clip
+    from .progress import ProgressBars
 
     started = time.perf_counter()
-    scorer, _ = load_clip(clip_model, device)
+    bars = ProgressBars()  # a CLIP missing from the cache is downloaded: say so, with progress
+    try:
+        scorer, _ = load_clip(clip_model, device, progress=bars, warn=bars.warn)
+    finally:
+        bars.close()
     text_row = text_embedding(scorer, prompt)
     rows, pending, pairs = [], [], []
     previous = None

@@ -1,4 +1,8 @@
-"""Loading models by hub id or local folder, choosing device and dtype, and the warm model cache.
+"""Loading models, choosing device and dtype, and the warm model cache.
+
+Models load from folders: a local one, or the Hugging Face cache's snapshot of a hub id, which
+``hub.local_model`` finds (and fetches when it is missing); the fp16 variant files are used where
+the folder has them.
 
 The server keeps models loaded across jobs; this module's cache is the one place that state lives.
 It holds at most one model of each kind (depth pipeline, captioner, CLIP, RAFT), keyed by what
@@ -21,6 +25,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from . import hub
 from .errors import ModelLoadError
 
 Loaded = TypeVar("Loaded")
@@ -45,13 +50,27 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """fp16 on CUDA (memory and speed), fp32 elsewhere (CPU fp16 is slow and MPS fp16 is fragile)."""
+def choose_dtype(name: str, device: str) -> tuple[torch.dtype, str | None]:
+    """The dtype an edit runs in, and a warning when it is not the one asked for.
+
+    ``auto`` is fp16 on CUDA (memory and speed) and fp32 elsewhere (MPS fp16 is fragile). fp16
+    asked for on the CPU runs in fp32 instead, with a warning: CPU kernels in half precision are so
+    slow that one DPT-Hybrid depth frame takes minutes (over 590 s measured, against 7.6 s in
+    fp32), so the job would never finish. fp32 rather than a refusal, because the precision is a
+    preference that one Blender user sets for every runtime (a GPU workstation, a CPU laptop); the
+    edit is the same at full precision, and the warning and the job's statistics say what ran.
+    """
+    if name == "fp16" and device == "cpu":
+        return torch.float32, "fp16 on the CPU would take minutes a frame; running in fp32 (use --dtype fp32 or auto)"
     if name == "fp16":
-        return torch.float16
+        return torch.float16, None
     if name == "fp32":
-        return torch.float32
-    return torch.float16 if device == "cuda" else torch.float32
+        return torch.float32, None
+    return (torch.float16 if device == "cuda" else torch.float32), None
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    return choose_dtype(name, device)[0]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -103,18 +122,25 @@ class ClipScorer:
     load_seconds: float
 
 
-def load_depth_pipeline(model: str, device: str, dtype_setting: str) -> tuple[DepthPipeline, bool]:
+def load_depth_pipeline(
+    model: str, device: str, dtype_setting: str, *, progress=None, warn=None
+) -> tuple[DepthPipeline, bool]:
     """Return the warm pipeline for (model, device, dtype), loading it on first use.
 
-    The second value says whether this call loaded anything, for the server's stats.
+    The second value says whether this call loaded anything, for the server's stats. A hub id
+    missing from the Hugging Face cache is downloaded first (``hub.local_model``): ``warn`` hears
+    that it is, ``progress("download", done, total)`` how far it is (bytes).
     """
     device = resolve_device(device)
-    dtype = resolve_dtype(dtype_setting, device)
+    dtype, note = choose_dtype(dtype_setting, device)
+    if note and warn is not None:
+        warn(note)
     location = model_location(model)
 
     def load() -> DepthPipeline:
-        started = time.perf_counter()
-        pipe = _from_pretrained_depth(model, location, dtype)
+        folder, status = hub.local_model(model, "model", dtype_name(dtype), progress=progress, warn=warn)
+        started = time.perf_counter()  # the load, not the download
+        pipe = _from_pretrained_depth(model, folder, status, dtype)
         pipe = pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.depth_estimator):
@@ -132,19 +158,21 @@ def load_depth_pipeline(model: str, device: str, dtype_setting: str) -> tuple[De
     return _warm("depth", (location, device, str(dtype)), load)
 
 
-def load_captioner(model: str, device: str) -> tuple[Captioner, bool]:
+def load_captioner(model: str, device: str, *, progress=None, warn=None) -> tuple[Captioner, bool]:
     """BLIP captioning model, warm like the depth pipeline (fp32: it runs once per clip)."""
     device = resolve_device(device)
     location = model_location(model)
 
     def load() -> Captioner:
+        folder, status = hub.local_model(model, "captioner", "fp32", progress=progress, warn=warn)
+        _refuse_pickles_on_old_torch(model, "captioner", "--captioner", status)
         started = time.perf_counter()
         _quiet_loading()
         try:
             from transformers import BlipForConditionalGeneration, BlipProcessor
 
-            processor = BlipProcessor.from_pretrained(location)
-            blip = BlipForConditionalGeneration.from_pretrained(location).to(device).eval()
+            processor = BlipProcessor.from_pretrained(folder)
+            blip = BlipForConditionalGeneration.from_pretrained(folder).to(device).eval()
         except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
             raise ModelLoadError(_load_failure("captioner", model, exc, "--captioner", "--source-prompt")) from exc
         return Captioner(blip, processor, device, model, time.perf_counter() - started)
@@ -152,18 +180,20 @@ def load_captioner(model: str, device: str) -> tuple[Captioner, bool]:
     return _warm("captioner", (location, device), load)
 
 
-def load_clip(model: str, device: str) -> tuple[ClipScorer, bool]:
+def load_clip(model: str, device: str, *, progress=None, warn=None) -> tuple[ClipScorer, bool]:
     """CLIP for the metrics, warm like the others: ``p2v ablate`` scores six variants with it."""
     device = resolve_device(device)
     location = model_location(model)
 
     def load() -> ClipScorer:
+        folder, status = hub.local_model(model, "clip", "fp32", progress=progress, warn=warn)
+        _refuse_pickles_on_old_torch(model, "CLIP model", "--clip-model", status)
         started = time.perf_counter()
         try:
             from transformers import CLIPModel, CLIPProcessor
 
-            processor = CLIPProcessor.from_pretrained(location)
-            clip = CLIPModel.from_pretrained(location).to(device).eval()
+            processor = CLIPProcessor.from_pretrained(folder)
+            clip = CLIPModel.from_pretrained(folder).to(device).eval()
             clip.requires_grad_(False)
         except Exception as exc:  # noqa: BLE001
             raise ModelLoadError(_load_failure("CLIP model", model, exc, "--clip-model", None)) from exc
@@ -233,31 +263,62 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _from_pretrained_depth(model: str, location: str, dtype):
+def _from_pretrained_depth(model: str, folder, status: hub.LocalStatus, dtype):
+    """The pipeline from a local folder, with the fp16 variant files where the folder has them.
+
+    ``status.variant()`` is "fp16" when the weights chosen for this dtype include fp16 variants
+    (the real checkpoint ships ``*.fp16.safetensors`` beside the fp32 files); diffusers then takes,
+    per component, the variant where that folder has one and the plain files where it has none.
+    """
+    _refuse_pickles_on_old_torch(model, "model", "--model", status)
     _quiet_loading()
     try:
         from diffusers import DDIMScheduler, StableDiffusionDepth2ImgPipeline
         from transformers import DPTImageProcessor
 
-        # The SD 2 depth checkpoint names `DPTFeatureExtractor`, which transformers 5 no longer
-        # has; its config loads as the DPTImageProcessor that replaced it.
-        feature_extractor = DPTImageProcessor.from_pretrained(location, subfolder="feature_extractor")
+        # model_index.json names DPTImageProcessor (checked against the real checkpoint's file). It
+        # is loaded here by that class, whatever the file says, so a copy that still names the
+        # DPTFeatureExtractor of older transformers (removed in 5) loads too, and the processor
+        # does not depend on whether torchvision is installed.
+        feature_extractor = DPTImageProcessor.from_pretrained(folder, subfolder="feature_extractor")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch_dtype vs dtype across versions
             pipe = StableDiffusionDepth2ImgPipeline.from_pretrained(
-                location, torch_dtype=dtype, feature_extractor=feature_extractor
+                folder, torch_dtype=dtype, variant=status.variant(), feature_extractor=feature_extractor
             )
-        # Pix2Video samples and inverts with DDIM (eta 0) whatever scheduler the model ships with.
+        # Pix2Video samples and inverts with DDIM (eta 0) whatever scheduler the model ships with
+        # (the real one names PNDM).
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return pipe
     except Exception as exc:  # noqa: BLE001
         raise ModelLoadError(_load_failure("model", model, exc, "--model", None)) from exc
 
 
+def _refuse_pickles_on_old_torch(model: str, label: str, option: str, status: hub.LocalStatus) -> None:
+    """transformers (4.50 and later) refuses ``.bin`` weights on torch before 2.6; say so before it does."""
+    pickled = sorted(n for names in status.weights.values() for n in names if n.endswith(".bin"))
+    if pickled and _torch_version() < (2, 6):
+        raise ModelLoadError(
+            f"cannot load {label} `{model}`: its weights are pickled .bin files ({pickled[0]}), which "
+            f"transformers loads only with torch 2.6 or later (this is {torch.__version__}); upgrade torch, or "
+            f"pass {option} a model with safetensors weights"
+        )
+
+
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return (99, 0)
+
+
 def _load_failure(what: str, name: str, exc: Exception, option: str, alternative: str | None) -> str:
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    hint = f"pass {option} a local folder" + (f" or give {alternative}" if alternative else "")
-    return f"cannot load {what} {name!r} ({reason[:200]}); if the model hub is unreachable, {hint}"
+    hint = f"`p2v models check` tests each part; or pass {option} another folder or id" + (
+        f", or give {alternative}" if alternative else ""
+    )
+    return f"cannot load {what} {name!r} ({reason[:200]}); {hint}"
 
 
 def _weights_fingerprint(pipe) -> str:

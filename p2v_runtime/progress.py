@@ -23,6 +23,9 @@ class ProgressBars:
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
+        if stage == "download":
+            self._download(done, total)
+            return
         if not self.interactive:
             self._line(stage, done, total)
             return
@@ -37,6 +40,44 @@ class ProgressBars:
             self.bars[stage] = bar
         bar.n = done
         bar.refresh()
+
+    def _download(self, done: int, total: int) -> None:
+        """Bytes of a model download: a bar with rate and time left, or a line every few seconds."""
+        from .hub import ByteMeter
+
+        meter = self.printed.get("download-meter")
+        if meter is None or meter.total != total or done < meter.done:  # a new download (another model)
+            meter = self.printed["download-meter"] = ByteMeter(total, done)
+            self.printed["download-line"] = None
+            if "download" in self.bars:
+                self.bars.pop("download").close()
+        meter.advance(done - meter.done)
+        if self.interactive:
+            from tqdm import tqdm
+
+            bar = self.bars.get("download")
+            if bar is None:
+                bar = tqdm(
+                    total=total,
+                    initial=done,
+                    desc=" download",
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1000,
+                    file=sys.stderr,
+                    position=len(self.bars),
+                    dynamic_ncols=True,
+                )
+                self.bars["download"] = bar
+            bar.update(done - bar.n)
+            return
+        last = self.printed.get("download-line")
+        now = meter.clock()
+        finished = done >= total and self.printed.get("download-finished") != total
+        if last is None or finished or (done < total and now - last >= 5):
+            self.printed["download-line"] = now
+            self.printed["download-finished"] = total if done >= total else None
+            print(f"p2v: download {meter.describe()}", file=sys.stderr, flush=True)
 
     def _line(self, stage: str, done: int, total: int) -> None:
         per_frame = self.steps if stage in ("inversion", "edit") else 1

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-depth"
-DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+# BLIP large rather than base: base ships only a pickled pytorch_model.bin, which transformers
+# loads only on torch 2.6 and later and only through torch's unpickler; large ships safetensors.
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
 
 # The paper applies the guided update on step indices 0..25 of 50.
 PAPER_STEPS = 50

@@ -22,12 +22,10 @@ import shutil
 import tempfile
 import warnings
 
-__all__ = ["write_tiny_models", "write_full_size_sd2_depth", "sd2_depth_unet_config", "SD2_DEPTH_SIZES"]
+__all__ = ["write_tiny_models", "sd2_depth_unet_config", "SD2_DEPTH_SIZES"]
 
-# The sizes that differ between the tiny stand-in and the real SD 2 depth architecture
-# (stabilityai/stable-diffusion-2-depth: OpenCLIP ViT-H text encoder, 865M-parameter UNet, SD VAE,
-# a ViT-base-sized DPT in place of DPT-Hybrid). Everything else is shared, so the tiny model the
-# tests exercise and the full-size one the GPU benchmarks time are built by the same code.
+# The sizes of the tiny stand-in for SD 2 depth. The published sizes are in reference_configs/
+# (replica_models.py writes the full-size model, DPT-Hybrid included, from them).
 SD2_DEPTH_SIZES = {
     "tiny": dict(
         text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
@@ -45,26 +43,6 @@ SD2_DEPTH_SIZES = {
             fusion_hidden_size=16,
         ),
         depth_input=64,
-    ),
-    "full": dict(
-        text=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16),
-        unet=dict(
-            sample_size=64,
-            block_out_channels=(320, 640, 1280, 1280),
-            attention_head_dim=(5, 10, 20, 20),
-            norm_num_groups=32,
-        ),
-        vae=dict(sample_size=512, block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
-        dpt=dict(
-            image_size=384,
-            hidden_size=768,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            intermediate_size=3072,
-            neck_hidden_sizes=(96, 192, 384, 768),
-            fusion_hidden_size=256,
-        ),
-        depth_input=384,
     ),
 }
 
@@ -125,8 +103,8 @@ def write_tiny_models(root: str | os.PathLike, seed: int = 0) -> dict[str, pathl
     return written
 
 
-def sd2_depth_unet_config(size: str = "full") -> dict:
-    """UNet arguments of SD 2 depth (``full``, as its unet/config.json) or of the tiny stand-in."""
+def sd2_depth_unet_config(size: str = "tiny") -> dict:
+    """UNet arguments of the tiny stand-in: SD 2 depth's block types and depth channel, toy widths."""
     return dict(
         in_channels=5,  # 4 latent channels + depth
         out_channels=4,
@@ -139,18 +117,6 @@ def sd2_depth_unet_config(size: str = "full") -> dict:
         act_fn="silu",
         **SD2_DEPTH_SIZES[size]["unet"],
     )
-
-
-def write_full_size_sd2_depth(root: str | os.PathLike, seed: int = 0) -> pathlib.Path:
-    """Write ``root/sd2-depth-full``: SD 2 depth's full-size architecture, random weights, fp16.
-
-    For GPU benchmarks (seconds per frame, GPU memory) where the real weights cannot be
-    downloaded: timing and memory depend on the architecture, not on the weights. About 2.6 GB.
-    """
-    root = pathlib.Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    with _quiet_libraries():
-        return _write_atomically(root / "sd2-depth-full", lambda d: _write_sd2_depth(d, seed, size="full"))
 
 
 def _write_atomically(target: pathlib.Path, write) -> pathlib.Path:
@@ -385,7 +351,7 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int, size: str = "tiny") -> Non
         depth_estimator = DPTForDepthEstimation(
             DPTConfig(
                 patch_size=16,
-                backbone_out_indices=(0, 1, 2, 3) if size == "tiny" else (2, 5, 8, 11),
+                backbone_out_indices=(0, 1, 2, 3),
                 readout_type="project",
                 **sizes["dpt"],
             )
@@ -420,10 +386,6 @@ def _write_sd2_depth(folder: pathlib.Path, seed: int, size: str = "tiny") -> Non
         depth_estimator=depth_estimator,
         feature_extractor=feature_extractor,
     )
-    if size == "full":
-        import torch
-
-        pipe.to(torch.float16)  # as the real checkpoint's fp16 variant: half the disk
     pipe.save_pretrained(folder, safe_serialization=True)
     _replace_tokenizer_files(folder / "tokenizer", write_tokenizer)
     # Without torchvision the processor is the PIL variant; record the name that exists either way.

@@ -38,6 +38,60 @@ def tiny_models() -> dict[str, Path]:
     return {name: root / name for name in names}
 
 
+def _replica_root() -> Path:
+    """Rebuilt when the replica writer, its helpers or the reference configs change."""
+    digest = hashlib.sha256()
+    runtime = REPO / "p2v_runtime"
+    for path in [
+        runtime / "replica_models.py",
+        runtime / "tiny_models.py",
+        *sorted(runtime.glob("reference_configs/**/*")),
+    ]:
+        if path.is_file():
+            digest.update(path.as_posix().encode() + path.read_bytes())
+    base = Path(os.environ.get("P2V_TEST_CACHE", REPO / ".cache"))
+    return base / f"replica-models-{digest.hexdigest()[:12]}"
+
+
+@pytest.fixture(scope="session")
+def replica_models() -> dict[str, Path]:
+    """SD 2 depth, BLIP base and BLIP large in their real layouts and configs, small random weights."""
+    from p2v_runtime.replica_models import write_replicas
+
+    root = _replica_root()
+    names = ("sd2-depth", "blip-base", "blip-large")
+    if not all((root / name / ".complete").exists() for name in names):
+        for stale in root.parent.glob("replica-models-*"):
+            if stale != root:
+                shutil.rmtree(stale, ignore_errors=True)
+        write_replicas(root)
+        for name in names:
+            (root / name / ".complete").write_text("ok\n")
+    return {name: root / name for name in names}
+
+
+def populate_hf_cache(cache: Path, repo_id: str, folder: Path, keep=lambda name: True) -> Path:
+    """Lay ``folder``'s files out as huggingface_hub caches a repository: blobs, a snapshot of
+    symlinks to them, and refs/main. ``keep(name)`` chooses the files (e.g. only the fp16 ones)."""
+    storage = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repo_id.encode()).hexdigest()
+    snapshot = storage / "snapshots" / commit
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if not path.is_file() or name.startswith(".") or not keep(name):
+            continue
+        data = path.read_bytes()
+        blob = storage / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = snapshot / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (storage / "refs").mkdir(parents=True, exist_ok=True)
+    (storage / "refs" / "main").write_text(commit)
+    return snapshot
+
+
 @pytest.fixture
 def tiny_settings(tiny_models, tmp_path):
     """Settings for a fast edit on the tiny models; tests override what they examine."""
@@ -105,8 +159,9 @@ def write_png_clip(folder: Path, frames: list[np.ndarray]) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    """Every test that runs a model (it asks for the tiny models) or Blender is ``slow``, so
+    """Every test that runs a model (it asks for the tiny or replica models) or Blender is ``slow``, so
     ``scripts/test.sh -m "not slow"`` is the fast loop."""
     for item in items:
-        if "tiny_models" in item.fixturenames or item.get_closest_marker("blender") is not None:
+        models = {"tiny_models", "replica_models"}
+        if models & set(item.fixturenames) or item.get_closest_marker("blender") is not None:
             item.add_marker(pytest.mark.slow)

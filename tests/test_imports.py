@@ -18,7 +18,10 @@ def modules_after(code: str) -> set[str]:
 
 
 def test_light_modules_do_not_import_torch():
-    code = "import p2v_runtime, p2v_runtime.protocol, p2v_runtime.settings, p2v_runtime.client, p2v_runtime.cli"
+    code = (
+        "import p2v_runtime, p2v_runtime.protocol, p2v_runtime.settings, p2v_runtime.client, p2v_runtime.cli, "
+        "p2v_runtime.hub, p2v_runtime.models_cli"
+    )
     assert modules_after(code) == set()
 
 

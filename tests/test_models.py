@@ -69,3 +69,14 @@ def test_release_all_leaves_no_model_alive(tiny_models):
     assert [ref() for ref in alive] == [None] * len(alive)
     _, loaded = models.load_captioner(str(tiny_models["blip"]), "cpu")
     assert loaded
+
+
+def test_precision_auto_is_fp16_on_cuda_only_and_fp16_on_the_cpu_runs_in_fp32_with_a_warning():
+    import torch
+
+    assert models.choose_dtype("auto", "cuda") == (torch.float16, None)
+    assert models.choose_dtype("auto", "cpu") == (torch.float32, None)
+    assert models.choose_dtype("auto", "mps") == (torch.float32, None)
+    assert models.choose_dtype("fp16", "cuda") == (torch.float16, None)
+    dtype, warning = models.choose_dtype("fp16", "cpu")
+    assert dtype == torch.float32 and "running in fp32" in warning
