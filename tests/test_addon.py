@@ -202,7 +202,7 @@ def test_runtime_wheel_metadata(built_addon):
         names = whl.namelist()
         assert "p2v_runtime/protocol.py" in names and "p2v_runtime/server/__init__.py" in names
         meta = whl.read(next(n for n in names if n.endswith("/METADATA"))).decode()
-        assert "Provides-Extra: runtime" in meta and 'torch>=2.1; extra == "runtime"' in meta
+        assert "Provides-Extra: runtime" in meta and 'torch>=2.6; extra == "runtime"' in meta
         entry = whl.read(next(n for n in names if n.endswith("/entry_points.txt"))).decode()
         assert "p2v = p2v_runtime.cli:main" in entry
     assert path.startswith("p2v_runtime-") and path.endswith("-py3-none-any.whl")
