@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--stats", metavar="FILE", help="write the edit's statistics as JSON")
     edit.add_argument("--overwrite", action="store_true", help="replace frames already in --out")
     edit.add_argument("--server", metavar="HOST:PORT", help="run the edit on a running `p2v serve`")
+    edit.add_argument(
+        "--preview",
+        action="store_true",
+        help="edit the anchor (the first frame of --frames) only, to judge a look in seconds: it is what the "
+        "whole edit's first frame will be, and its inversion is cached for it",
+    )
     edit.add_argument("--quiet", action="store_true", help="no progress bars")
     edit.set_defaults(handler=edit_main)
 
@@ -137,33 +143,23 @@ def edit_main(args: argparse.Namespace) -> int:
     depth_sink = depth_png_writer(args.save_depth) if args.save_depth else None
     stats = EditStats()  # filled the same way by a local edit and by a server
     try:
+        options = dict(
+            depth=depth,
+            progress=progress,
+            cancel=cancel,
+            stats=stats,
+            depth_sink=depth_sink,
+            warn=progress.warn,
+            preview=args.preview,
+        )
         if args.server:
             from .client import edit_on_server
 
-            results = edit_on_server(
-                args.server,
-                frames,
-                settings,
-                depth=depth,
-                progress=progress,
-                cancel=cancel,
-                stats=stats,
-                depth_sink=depth_sink,
-                warn=progress.warn,
-            )
+            results = edit_on_server(args.server, frames, settings, **options)
         else:
             from .editor import edit_clip
 
-            results = edit_clip(
-                frames,
-                settings,
-                depth=depth,
-                progress=progress,
-                cancel=cancel,
-                stats=stats,
-                depth_sink=depth_sink,
-                warn=progress.warn,
-            )
+            results = edit_clip(frames, settings, **options)
         out_dir.mkdir(parents=True, exist_ok=True)
         for index, rgb in results:
             write_frame(out_dir, index, rgb)

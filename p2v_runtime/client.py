@@ -120,12 +120,20 @@ class Client:
         return time.perf_counter() - started
 
     def submit(
-        self, settings, frames: int, width: int, height: int, depth: bool = False, send_depth: bool = False
+        self,
+        settings,
+        frames: int,
+        width: int,
+        height: int,
+        depth: bool = False,
+        send_depth: bool = False,
+        preview: bool = False,
     ) -> dict:
         """Announce a job; return the ``job_ok`` header (``window``: frames allowed in flight).
 
         ``send_depth`` asks for a ``depth_used`` message before each result: the depth that frame
-        was edited with (what ``--save-depth`` writes).
+        was edited with (what ``--save-depth`` writes). ``preview`` asks for the anchor (frame 0)
+        only; the other frames still give the clip's depth range.
         """
         header = {
             "type": "job",
@@ -137,6 +145,8 @@ class Client:
         }
         if send_depth:
             header["send_depth"] = True  # only when asked: older runtimes ignore the field anyway
+        if preview:
+            header["preview"] = True
         self._send(header)
         self._job_width, self._job_height = int(width), int(height)
         self.results_received = 0
@@ -188,6 +198,7 @@ class Client:
         cancel: threading.Event | None = None,
         window: int | None = None,
         send_depth: bool = False,
+        preview: bool = False,
     ):
         """Submit a job, stream its frames, and yield what comes back, ending with done/cancelled.
 
@@ -206,7 +217,7 @@ class Client:
             count = len(frames)
         get_frame = frames if callable(frames) else frames.__getitem__
         get_depth = None if depth is None else (depth if callable(depth) else depth.__getitem__)
-        job_ok = self.submit(settings, count, width, height, depth is not None, send_depth)
+        job_ok = self.submit(settings, count, width, height, depth is not None, send_depth, preview)
         window = max(1, min(window or job_ok["window"], job_ok["window"]))
         ended = False  # the server ended the job: the connection can take the next one
         try:
@@ -395,6 +406,7 @@ def edit_on_server(
     token: str | None = None,
     warn=None,
     depth_sink=None,
+    preview: bool = False,
 ) -> RemoteEdit:
     """``edit_clip`` run by a server: same arguments, iterates ``(index, image)`` in order.
 
@@ -403,43 +415,23 @@ def edit_on_server(
     ``done`` stats fill ``stats``, an :class:`EditStats` (a new one when not given), which is
     also the returned object's ``.stats``: what ``edit_clip(..., stats=)`` does locally.
     The server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does), and
-    with ``depth_sink`` each frame's depth (latent size, [0, 1]) to ``depth_sink(index, depth)``. The
+    with ``depth_sink`` each frame's depth (latent size, [0, 1]) to ``depth_sink(index, depth)``;
+    ``preview`` edits the anchor only, as ``edit_clip`` does. The
     token is ``token`` or ``$P2V_TOKEN``. Errors are raised as the matching ``P2VError`` when
     ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
     """
-    return RemoteEdit(
-        address,
-        frames,
-        settings,
-        depth=depth,
-        progress=progress,
-        cancel=cancel,
-        stats=stats,
-        token=token,
-        warn=warn,
-        depth_sink=depth_sink,
+    options = dict(
+        depth=depth, progress=progress, cancel=cancel, token=token, warn=warn, depth_sink=depth_sink, preview=preview
     )
+    return RemoteEdit(address, frames, settings, stats, options)
 
 
 class RemoteEdit:
     """The iterator :func:`edit_on_server` returns; ``.stats`` holds the server's stats when done."""
 
-    def __init__(
-        self,
-        address,
-        frames,
-        settings,
-        *,
-        depth=None,
-        progress=None,
-        cancel=None,
-        stats=None,
-        token=None,
-        warn=None,
-        depth_sink=None,
-    ):
+    def __init__(self, address, frames, settings, stats: P.EditStats | None, options: dict):
         self.stats: P.EditStats = P.EditStats() if stats is None else stats
-        self._iterator = self._run(address, frames, settings, depth, progress, cancel, token, warn, depth_sink)
+        self._iterator = self._run(address, frames, settings, **options)
 
     def __iter__(self) -> RemoteEdit:
         return self
@@ -451,7 +443,7 @@ class RemoteEdit:
         """Stop early: closing the connection cancels the job on the server."""
         self._iterator.close()
 
-    def _run(self, address, frames, settings, depth, progress, cancel, token, warn, depth_sink):
+    def _run(self, address, frames, settings, *, depth, progress, cancel, token, warn, depth_sink, preview):
         width, height = frames.size
         count = len(frames)
         try:
@@ -482,6 +474,7 @@ class RemoteEdit:
                     depth=None if depth is None else depth_bytes,
                     cancel=cancel,
                     send_depth=depth_sink is not None,
+                    preview=preview,
                 ):
                     if message.type == "progress":
                         if progress is not None:

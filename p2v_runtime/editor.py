@@ -46,6 +46,7 @@ def edit_clip(
     stats: EditStats | None = None,
     depth_sink: DepthSink | None = None,
     warn: Callable[[str], None] | None = None,
+    preview: bool = False,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Edit a clip with Pix2Video; yield ``(index, HxWx3 uint8 RGB)`` at the input size, in order.
 
@@ -53,10 +54,13 @@ def edit_clip(
     reads a Z pass per frame. ``depth_sink(index, depth)`` receives the depth the model was
     conditioned on, at latent size, scaled to [0, 1] with near = 1 (``p2v edit --save-depth``,
     or sent back by the server). Setting ``cancel`` stops within one denoising step with
-    :class:`EditCancelled`.
+    :class:`EditCancelled`. ``preview`` edits the anchor (frame 0) only: what the whole edit's first
+    frame will be, bit for bit, and its inversion is cached for it (with clip normalisation every
+    frame is still read, for the depth range).
     """
     settings.validate()
     editor = _ClipEditor(frames, settings, depth, progress, cancel, stats or EditStats(), depth_sink, warn)
+    editor.edited = 1 if preview else editor.count
     yield from editor.run()
 
 
@@ -95,6 +99,7 @@ class _ClipEditor:
         self.warn = warn or (lambda message: print(f"p2v: {message}", file=sys.stderr))
         self.frames_done = 0
         self.count = len(frames)
+        self.edited = self.count  # frames inverted and edited: 1 for a preview of the anchor
 
     # -- the clip -----------------------------------------------------------------------------
 
@@ -185,7 +190,7 @@ class _ClipEditor:
         ``self.frames_done`` and the unused rest of ``clip_depths``."""
         bank = FeatureBank(self.settings.injection)  # the anchor's and the previous frame's features
         previous_x0: list | None = None  # the previous frame's x0 prediction at each updated step
-        for index in range(self.count):
+        for index in range(self.edited):
             rgb = first if index == 0 else self._work_frame(index, clip.work_size)
             model_depth = self._model_depth(clip, index, rgb, clip_depths)
             start = self._inverted(clip, index, rgb, model_depth)
@@ -227,7 +232,7 @@ class _ClipEditor:
         else:
             inverse = self._inverse_depth(clip.pipeline, clip.latent_hw, index, rgb)
             low, high = depth_conv.depth_range([inverse], f"depth of frame {index}")
-            self.report("depth", index + 1, self.count)
+            self.report("depth", index + 1, self.edited)
         model_depth = depth_conv.normalise(inverse, low, high)
         if self.depth_sink is not None:
             self.depth_sink(index, depth_conv.to_display(model_depth).astype(np.float32))
@@ -272,17 +277,17 @@ class _ClipEditor:
         expected = (1, pipeline.unet.config.out_channels, *clip.latent_hw)
         if cached is not None and cached.shape == expected:
             self.stats.inversion_cache_hits += 1
-            self.report("inversion", (index + 1) * steps, self.count * steps)
+            self.report("inversion", (index + 1) * steps, self.edited * steps)
             return torch.from_numpy(cached).to(pipeline.device)
 
         def before_step(step: int) -> None:
             self._check_cancel()
-            self.report("inversion", index * steps + step, self.count * steps)
+            self.report("inversion", index * steps + step, self.edited * steps)
 
         with self._counting(pipeline.unet, "unet_calls_inversion"):
             latent = encode_latent(pipeline, rgb)
             start = invert(pipeline, latent, model_depth, clip.source_embedding, clip.inverse_scheduler, before_step)
-        self.report("inversion", (index + 1) * steps, self.count * steps)
+        self.report("inversion", (index + 1) * steps, self.edited * steps)
         clip.inversion_cache.store(key, start.cpu().numpy())
         return start
 
@@ -314,7 +319,7 @@ class _ClipEditor:
         with self._counting(unet, "unet_calls_edit"), injection_installed(unet, clip.layers, bank):
             for step, timestep in enumerate(clip.scheduler.timesteps):
                 self._check_cancel()
-                self.report("edit", index * settings.steps + step, self.count * settings.steps)
+                self.report("edit", index * settings.steps + step, self.edited * settings.steps)
                 bank.step = step
                 update_now = guided_update and step <= last_update
                 if update_now and settings.update == "autograd":
@@ -335,7 +340,7 @@ class _ClipEditor:
                 sample = prev_sample
         bank.end_frame(index)
         self.stats.feature_cache_bytes = bank.peak_bytes
-        self.report("edit", (index + 1) * settings.steps, self.count * settings.steps)
+        self.report("edit", (index + 1) * settings.steps, self.edited * settings.steps)
         return sample, (x0_trajectory if keep_x0 else None)
 
     def _ddim_step(self, clip: ClipContext, sample, timestep, depth_pair):

@@ -217,6 +217,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "height": ("int", _REQ),
         "depth": ("bool", _REQ),
         "send_depth": ("bool", _OPT),
+        "preview": ("bool", _OPT),
     },
     "frame": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
     "depth": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},

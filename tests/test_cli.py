@@ -119,8 +119,24 @@ def test_reedit_reuses_inversions_and_frame_range(clip, edit_args, tmp_path, cap
     assert stats["frames"] == 3 and stats["inversion_cache_hits"] == 3 and stats["unet_calls_inversion"] == 0
     # A sub-range has its own caption and clip depth range, so it is its own inversion.
     assert run_cli(edit_args(clip, tmp_path / "c", "--frames", "1:3", "--stats", stats_file), capsys)[0] == 0
-    assert json.loads(stats_file.read_text())["frames"] == 2
+    found = json.loads(stats_file.read_text())
+    assert found["frames"] == 2 and found["inversion_cache_hits"] == 0 and found["unet_calls_inversion"] == 4
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["000000.png", "000001.png"]
+
+
+def test_preview_writes_the_anchor_and_the_whole_edit_reuses_its_inversion(clip, edit_args, tmp_path, capsys):
+    stats_file = tmp_path / "stats.json"
+    args = edit_args(clip, tmp_path / "preview", "--stats", stats_file, "--preview")
+    args[args.index("--prompt") + 1] = "a glass car"
+    assert run_cli(args, capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "preview").iterdir()) == ["000000.png"]
+    assert json.loads(stats_file.read_text())["frames"] == 1
+    args = edit_args(clip, tmp_path / "whole", "--stats", stats_file)
+    args[args.index("--prompt") + 1] = "a glass car"
+    assert run_cli(args, capsys)[0] == 0
+    found = json.loads(stats_file.read_text())
+    assert found["frames"] == 3 and found["inversion_cache_hits"] == 1
+    assert (tmp_path / "preview" / "000000.png").read_bytes() == (tmp_path / "whole" / "000000.png").read_bytes()
 
 
 def test_edit_reads_video_files(tmp_path, edit_args, capsys):

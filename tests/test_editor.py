@@ -495,3 +495,20 @@ def test_steps_beyond_the_schedule_are_refused():
 
     with pytest.raises(SettingsError, match="--steps"):
         EditSettings(prompt="x", steps=501).validate()
+
+
+@pytest.mark.parametrize("depth_norm", ["clip", "frame"])
+def test_preview_is_the_whole_edits_first_frame_and_leaves_its_inversion(tiny_settings, depth_norm):
+    """A preview edits the anchor only, exactly as the whole edit will (frame 0 has no injection and
+    no update), reads every frame when the depth range needs them, and caches the anchor's inversion."""
+    frames = synthetic_frames(4)
+    settings = tiny_settings(depth_norm=depth_norm)
+    source = ArrayFrames(frames)
+    stats = EditStats()
+    preview = list(edit_clip(source, settings, stats=stats, preview=True))
+    assert [index for index, _ in preview] == [0]
+    assert stats.frames == 1 and stats.unet_calls_inversion == settings.steps and stats.unet_calls_edit == settings.steps
+    assert source.reads >= (len(frames) if depth_norm == "clip" else 1)
+    whole, whole_stats = run_edit(frames, settings)
+    assert np.array_equal(preview[0][1], whole[0])
+    assert whole_stats.inversion_cache_hits == 1  # the anchor's inversion came from the preview

@@ -328,6 +328,16 @@ def test_the_runtime_wheel_carries_the_server_package():
 # --- jobs ---------------------------------------------------------------------------------------
 
 
+def test_a_preview_job_returns_the_anchor_only_and_the_connection_takes_the_next_job(server):
+    frames = rgb_frames(5, 16, 16)
+    with server.client() as client:
+        results, progress, final = run_all(client, echo_settings("steps=2"), frames, 16, 16, preview=True)
+        assert [m["index"] for m in results] == [0] and bytes(results[0].payload) == frames[0]
+        assert final.type == "done" and final["frames"] == 1 and progress[-1]["total"] == 2
+        results, _, final = run_all(client, echo_settings(), frames[:2], 16, 16)  # a whole job after it
+        assert [m["index"] for m in results] == [0, 1] and final.type == "done"
+
+
 def test_echo_job_end_to_end(server):
     width, height = 48, 32
     frames = rgb_frames(6, width, height)

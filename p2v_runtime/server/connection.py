@@ -192,6 +192,7 @@ class Connection:
         if job is None:
             return
         job.send_depth = bool(header.get("send_depth", False))
+        job.preview = bool(header.get("preview", False))
         self.job = self.upload = job
         log.info(
             "job %s from %s: %d frame(s) %dx%d%s",

@@ -60,7 +60,7 @@ def echo_options(prompt: str) -> EchoOptions:
 
 
 def echo_job_runner(
-    frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None, depth_sink=None
+    frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None, depth_sink=None, preview=False
 ):
     """Yield ``(index, frame)`` for every frame, as the options in ``settings.prompt`` say."""
     options = echo_options(settings.prompt)
@@ -68,7 +68,8 @@ def echo_job_runner(
         warn(options.warn)
     count = len(frames)
     started = time.monotonic()
-    for index in range(count):
+    edited = 1 if preview else count  # a preview: the anchor only
+    for index in range(edited):
         image = frames.read(index)
         if depth is not None:
             depth.read(index)
@@ -82,10 +83,10 @@ def echo_job_runner(
             if options.delay:
                 time.sleep(options.delay)
             if progress is not None:
-                progress("edit", index * options.steps + step + 1, count * options.steps)
+                progress("edit", index * options.steps + step + 1, edited * options.steps)
         yield index, image
     if stats is not None:
-        stats.frames = count
+        stats.frames = edited
         stats.model_load_seconds = 0.0
         stats.seconds = time.monotonic() - started
 

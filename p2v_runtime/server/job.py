@@ -37,7 +37,7 @@ def settings_from_wire(values: dict) -> EditSettings:
 
 
 def edit_job_runner(
-    frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None, depth_sink=None
+    frames, settings, *, depth=None, progress=None, cancel=None, stats=None, warn=None, depth_sink=None, preview=False
 ):
     """The real edit: ``editor.edit_clip``, imported on first use so the server starts fast."""
     from ..editor import edit_clip
@@ -52,6 +52,7 @@ def edit_job_runner(
             stats=stats,
             warn=warn,
             depth_sink=depth_sink,
+            preview=preview,
         )
     finally:
         _free_device_memory()
@@ -107,6 +108,7 @@ class Job:
         if has_depth:
             self.spools["depth"] = Spool(os.path.join(folder, "depth.f32"), count, (height, width), "float32")
         self.send_depth = False  # the client asked for the depth each frame was edited with
+        self.preview = False  # the client asked for the anchor frame only
         self.thread: threading.Thread | None = None
         self.started = time.monotonic()
         self.bytes_in_start = conn.bytes_in
@@ -184,6 +186,8 @@ class Job:
             frames = SpooledFrames(self, "frame")
             depth = SpooledFrames(self, "depth") if self.has_depth else None
             runner_options = {"depth_sink": self._send_depth} if self.send_depth else {}
+            if self.preview:
+                runner_options["preview"] = True
             iterator = self.server.job_runner(
                 frames,
                 self.settings,
