@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 
 from . import output_strip, png, runtime_process, strip_frames
+from ._vendor import settings as schema
 from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
 
@@ -71,8 +72,10 @@ class EditJob:
         max_frames: int = 0,
         confirmed: bool = False,
         save_depth_dir: str = "",
+        preview: bool = False,
     ):
         self.scene = scene
+        self.preview = preview  # edit the anchor only (the first frame of the range)
         self.strip = strip
         self.settings = settings
         self.runtime = runtime
@@ -85,7 +88,8 @@ class EditJob:
         self.status = JobStatus()
         self._stage_done: dict = {}  # stage -> steps done, as the runtime reports them
         self._progress = 0.0
-        self.total = 0
+        self.total = 0  # frames rendered and sent
+        self.edited_total = 0  # frames edited: all of them, or the anchor for a preview
         self.stats: dict = {}
         self.warnings: list[str] = []  # the runtime's warnings (e.g. a setting it adjusted)
         self.frames: strip_frames.StripFrames | None = None
@@ -114,7 +118,7 @@ class EditJob:
         inversion 3/12 after edit 2/12): the inversion and edit steps of every frame, the bulk of it."""
         if self.state == "done":
             return 1.0
-        steps = max(1, self.total * self.settings.steps)
+        steps = max(1, self.edited_total * self.settings.steps)
         done = self._stage_done.get("inversion", 0) + self._stage_done.get("edit", 0)
         self._progress = max(self._progress, min(1.0, done / (2 * steps)))
         return self._progress
@@ -184,9 +188,10 @@ class EditJob:
         except SettingsError as exc:
             raise P2VAddonError(str(exc)) from None
         frames = strip_frames.StripFrames(
-            self.scene, self.strip, self.settings.depth, self.settings.zpass_render, self.settings.frames
+            self.scene, self.strip, self.settings.depth, self.settings.zpass_render, self._frames_to_send()
         )
         self.total = frames.count
+        self.edited_total = 1 if self.preview else frames.count
         if self.max_frames and frames.count > self.max_frames and not self.confirmed:
             raise StripTooLong(
                 f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
@@ -202,11 +207,13 @@ class EditJob:
             self.scene,
             self.strip,
             frames.first_frame,
-            frames.count,
+            self.edited_total,
             self.output_dir,
             look=frames.look,
             record=self.record(),
-            name=output_strip.result_name(self.strip.name, self.settings.prompt),
+            name=output_strip.result_name(
+                self.strip.name, self.settings.prompt, " p2v preview" if self.preview else " p2v"
+            ),
         )
         if self.save_depth_dir:
             try:
@@ -220,13 +227,24 @@ class EditJob:
         frames.open()
         self.frames = frames
 
+    def _frames_to_send(self) -> str:
+        """The range to render: the settings' range; for a preview with per-frame depth, its anchor
+        alone (clip normalisation needs every frame's depth for the range, so all are sent)."""
+        if not (self.preview and self.settings.depth_norm == "frame"):
+            return self.settings.frames
+        start = schema.parse_frame_range(self.settings.frames)[0]
+        return f"{start}:{start + 1}"
+
     def record(self) -> dict:
         """How the result was made, kept on its strip (custom properties) for Re-edit and people."""
-        return {
+        record = {
             "p2v_source": self.strip.name,
             "p2v_prompt": self.settings.prompt,
             "p2v_settings": json.dumps(self.settings.to_dict(), sort_keys=True),
         }
+        if self.preview:
+            record["p2v_preview"] = True
+        return record
 
     def poll(self) -> bool:
         """Render frames for the worker, apply what arrived; True while the job runs."""
@@ -285,18 +303,22 @@ class EditJob:
             self.warnings.append(event[1])
         elif kind == "done":
             self.stats = event[1]
-            if self.frames_done == self.total:
+            if self.frames_done == self.edited_total:
                 self._finish(
                     "done",
-                    f"Edited {self.total} frame(s) of '{self.strip_name}' into strip "
+                    f"{'Previewed the anchor' if self.preview else f'Edited {self.total} frame(s)'} of "
+                    f"'{self.strip_name}' into strip "
                     f"'{self.output.strip_name}' ({self.output.folder})",
                 )
             else:
                 self._finish(
-                    "failed", f"The runtime finished with {self.frames_done} of {self.total} frame(s)" + self._kept()
+                    "failed",
+                    f"The runtime finished with {self.frames_done} of {self.edited_total} frame(s)" + self._kept(),
                 )
         elif kind == "cancelled":
-            self._finish("cancelled", f"Cancelled after {self.frames_done} of {self.total} frame(s)" + self._kept())
+            self._finish(
+                "cancelled", f"Cancelled after {self.frames_done} of {self.edited_total} frame(s)" + self._kept()
+            )
         elif kind == "error":
             self._finish("failed", event[1] + self._kept())
 
@@ -414,6 +436,7 @@ class EditJob:
                 count=self.total,
                 depth=depth,
                 send_depth=bool(self.save_depth_dir),
+                preview=self.preview and self.total > 1,
             ):
                 if message.type == "progress":
                     events.put(("progress", message["stage"], message["done"], message["total"]))

@@ -4,6 +4,7 @@ Threading: sockets, subprocesses and pip run in worker threads; bpy is touched o
 main thread, from the modal operator's timer (``EditJob.poll``) or from ``bpy.app.timers``.
 """
 
+import json
 import os
 
 import bpy
@@ -17,8 +18,9 @@ from .errors import P2VAddonError, StripTooLong
 TIMER_INTERVAL = 0.05
 
 
-def build_job(context, *, confirmed: bool = False) -> job_module.EditJob:
-    """An :class:`EditJob` for the active strip, from the scene's settings and the preferences."""
+def build_job(context, strip=None, *, confirmed: bool = False, preview: bool = False) -> job_module.EditJob:
+    """An :class:`EditJob` for ``strip`` (default: the active one), from the scene's settings and the
+    preferences."""
     scene = compat.sequencer_scene(context)
     prefs = preferences.addon_preferences(context)
     try:
@@ -27,13 +29,25 @@ def build_job(context, *, confirmed: bool = False) -> job_module.EditJob:
         raise P2VAddonError(str(exc)) from None
     return job_module.EditJob(
         scene,
-        compat.active_strip(scene),
+        strip if strip is not None else compat.active_strip(scene),
         settings,
         preferences.runtime_config(prefs),
         output_dir=prefs.output_dir if prefs is not None else "",
         max_frames=prefs.max_frames if prefs is not None else 0,
         confirmed=confirmed,
+        preview=preview,
     )
+
+
+def strip_problem(scene, strip) -> str | None:
+    """Why ``strip`` cannot be edited with the scene's settings, or None (a quick check for poll)."""
+    kind = compat.strip_kind(strip)
+    if kind not in ("image", "movie", "scene"):
+        return f"'{strip.name}' is {compat.a_kind(kind)} strip; Pix2Video edits image, movie and scene strips"
+    props = getattr(scene, "p2v", None)
+    if props is not None and props.depth == "zpass" and kind != "scene":
+        return f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip"
+    return None
 
 
 def unavailable_reason(context) -> str | None:
@@ -46,21 +60,34 @@ def unavailable_reason(context) -> str | None:
     strip = compat.active_strip(scene)
     if strip is None:
         return "No active strip: click the strip to edit"
-    kind = compat.strip_kind(strip)
-    if kind not in ("image", "movie", "scene"):
-        return f"'{strip.name}' is {compat.a_kind(kind)} strip; Pix2Video edits image, movie and scene strips"
-    props = getattr(scene, "p2v", None)
-    if props is not None and props.depth == "zpass" and kind != "scene":
-        return f"Depth 'Z pass' needs a scene strip; '{strip.name}' is {compat.a_kind(kind)} strip"
-    return None
+    return strip_problem(scene, strip)
 
 
-class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
-    """Edit the active strip with Pix2Video into a new image strip above it"""
+def result_source(scene, strip):
+    """The strip a result strip was made from (its ``p2v_source``), or None."""
+    if strip is None or scene.sequence_editor is None:
+        return None
+    name = strip.get("p2v_source")
+    return compat.all_strips(scene.sequence_editor).get(name) if isinstance(name, str) else None
 
-    bl_idname = "sequencer.p2v_edit"
-    bl_label = "Edit Strip"
+
+def selected_strips(scene) -> list:
+    """The selected strips Pix2Video can edit, in timeline order (then channel)."""
+    if scene is None or scene.sequence_editor is None:
+        return []
+    chosen = [s for s in compat.strips(scene.sequence_editor) if s.select and strip_problem(scene, s) is None]
+    return sorted(chosen, key=lambda s: (s.frame_final_start, s.channel))
+
+
+class _StripQueue:
+    """Edits strips one after another, modal with a worker thread in the UI, to the end otherwise.
+
+    Subclasses say which strips (:meth:`strips`) and whether it is a preview. Esc cancels the
+    running edit and the ones waiting; frames already edited stay. The report says how each went.
+    """
+
     bl_options = {"REGISTER", "UNDO"}
+    preview = False
 
     confirm_long: BoolProperty(
         name="Confirm long strip",
@@ -72,19 +99,30 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
     _timer = None
     _job: job_module.EditJob | None = None
 
-    @classmethod
-    def poll(cls, context):
-        reason = unavailable_reason(context)
-        if reason is not None:
-            cls.poll_message_set(reason)
-            return False
-        return True
+    def strips(self, context) -> list:
+        raise NotImplementedError
 
     def invoke(self, context, event):
+        return self._begin(context, event)
+
+    def execute(self, context):
+        return self._begin(context, None)
+
+    @staticmethod
+    def _threaded(context) -> bool:
+        """A worker thread and a modal timer with an event loop; else all on this thread."""
+        return not (bpy.app.background or context.window is None)
+
+    def _begin(self, context, event):
+        self._queue = [strip.name for strip in self.strips(context)]
+        self._outcomes: list[tuple[str, str, str]] = []  # (strip, state, message)
+        self._cancelled = False
         try:
-            job = build_job(context, confirmed=self.confirm_long)
-            job.start(threaded=self._threaded(context))
+            job = self._next_job(context)
         except StripTooLong as exc:
+            if event is None:
+                self.report({"ERROR"}, str(exc))
+                return {"CANCELLED"}
             self.confirm_long = True
             return context.window_manager.invoke_confirm(
                 self,
@@ -92,46 +130,53 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
                 title="Edit a long strip?",
                 message=f"The strip has {exc.frames} frames (limit {exc.limit}); editing may take long.",
             )
-        except P2VAddonError as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        return self._run(context, job)
-
-    @staticmethod
-    def _threaded(context) -> bool:
-        """A worker thread and a modal timer with an event loop; else all on this thread."""
-        return not (bpy.app.background or context.window is None)
-
-    def execute(self, context):
-        try:
-            job = build_job(context, confirmed=self.confirm_long)
-            job.start(threaded=self._threaded(context))
-        except P2VAddonError as exc:
-            self.report({"ERROR"}, str(exc))
-            return {"CANCELLED"}
-        return self._run(context, job)
-
-    def _run(self, context, job):
+        if job is None:
+            return self._finished(context)
         if not self._threaded(context):
-            # No event loop to drive a modal operator (scripts, blender -b): run to the end here,
-            # on this thread, with no worker thread (see EditJob.run_here).
-            job.run_started()
-            return self._finished(context, job)
+            # No event loop to drive a modal operator (scripts, blender -b): run each job to its
+            # end here, on this thread, with no worker thread (see EditJob.run_here).
+            while job is not None:
+                job.run_started()
+                self._ended(context, job)
+                job = self._next_job(context)
+            return self._finished(context)
         self._job = job
         self._timer = context.window_manager.event_timer_add(TIMER_INTERVAL, window=context.window)
         context.window_manager.modal_handler_add(self)
         self._status(context)
         return {"RUNNING_MODAL"}
 
+    def _next_job(self, context) -> job_module.EditJob | None:
+        """Start the next strip's job; a strip that cannot start is reported and skipped."""
+        scene = compat.sequencer_scene(context)
+        while self._queue and not self._cancelled:
+            name = self._queue.pop(0)
+            strip = compat.all_strips(scene.sequence_editor).get(name) if scene.sequence_editor else None
+            try:
+                job = build_job(context, strip, confirmed=self.confirm_long, preview=self.preview)
+                return job.start(threaded=self._threaded(context))
+            except StripTooLong:
+                if self._outcomes or self._queue:  # one of several: report it and go on
+                    self._outcomes.append((name, "failed", "longer than the preference allows"))
+                    continue
+                raise
+            except P2VAddonError as exc:
+                self._outcomes.append((name, "failed", str(exc)))
+        return None
+
     def modal(self, context, event):
         job = self._job
         if event.type == "TIMER":
             if not job.poll():
-                return self._finished(context, job)
+                self._ended(context, job)
+                self._job = self._next_job(context)
+                if self._job is None:
+                    return self._finished(context)
             self._status(context)
             compat.redraw_sequencer(context)
             return {"RUNNING_MODAL"}
         if event.type == "ESC" and event.value == "PRESS":
+            self._cancelled = True
             job.cancel()
             self.report({"INFO"}, "Cancelling the Pix2Video edit...")
             return {"RUNNING_MODAL"}
@@ -145,12 +190,20 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
         job = self._job
         workspace = getattr(context, "workspace", None)
         if workspace is not None and job is not None:
+            waiting = f", {len(self._queue)} strip(s) waiting" if self._queue else ""
             workspace.status_text_set(
-                f"Pix2Video: {job.progress:.0%}, {job.frames_done}/{job.total} frames, {job.status.stage} "
-                "(Esc to cancel)"
+                f"Pix2Video: {job.progress:.0%}, {job.frames_done}/{job.edited_total} frames of '{job.strip_name}', "
+                f"{job.status.stage}{waiting} (Esc to cancel)"
             )
 
-    def _finished(self, context, job):
+    def _ended(self, context, job) -> None:
+        self._outcomes.append((job.strip_name, job.state, job.message))
+        if job.state == "cancelled":
+            self._cancelled = True
+        if self.preview and job.state == "done":
+            show_preview(context, job)
+
+    def _finished(self, context):
         if self._timer is not None:
             context.window_manager.event_timer_remove(self._timer)
             self._timer = None
@@ -158,10 +211,151 @@ class SEQUENCER_OT_p2v_edit(bpy.types.Operator):
         if workspace is not None and not bpy.app.background:
             workspace.status_text_set(None)
         compat.redraw_sequencer(context)
-        level = {"done": "INFO", "cancelled": "WARNING"}.get(job.state, "ERROR")
-        self.report({level}, job.message)
+        outcomes = self._outcomes
+        if not outcomes:
+            self.report({"ERROR"}, "No strip to edit")
+            return {"CANCELLED"}
+        states = {state for _, state, _ in outcomes}
+        level = "INFO" if states == {"done"} else ("WARNING" if "failed" not in states else "ERROR")
+        if len(outcomes) == 1:
+            self.report({level}, outcomes[0][2])
+        else:
+            done = sum(state == "done" for _, state, _ in outcomes)
+            details = "; ".join(f"'{name}': {message}" for name, state, message in outcomes if state != "done")
+            self.report({level}, f"Edited {done} of {len(outcomes)} strips" + (f" ({details})" if details else ""))
         # Frames that arrived are in the scene either way: keep them in the undo history.
-        return {"FINISHED"} if job.frames_done else {"CANCELLED"}
+        return {"FINISHED"} if any(state != "new" for _, state, _ in outcomes) else {"CANCELLED"}
+
+
+def show_preview(context, job) -> None:
+    """The preview's frame replaces the source's earlier previews (their files stay) and shows in
+    every open Image Editor, as the image "P2V Preview"."""
+    scene, output = job.scene, job.output
+    new = output.strip()
+    editor = scene.sequence_editor
+    for strip in list(compat.strips(editor)):
+        if strip != new and strip.get("p2v_preview") and strip.get("p2v_source") == job.strip_name:
+            compat.strips(editor).remove(strip)
+    path = os.path.join(output.folder, output.files[0])
+    image = bpy.data.images.get(PREVIEW_IMAGE)
+    if image is None:
+        image = bpy.data.images.load(path, check_existing=False)
+        image.name = PREVIEW_IMAGE
+    else:
+        image.filepath = path
+        image.reload()
+    for window in context.window_manager.windows:
+        for area in window.screen.areas if window.screen else ():
+            if area.type == "IMAGE_EDITOR":
+                area.spaces.active.image = image
+
+
+PREVIEW_IMAGE = "P2V Preview"
+
+
+class _ActiveStrip(_StripQueue):
+    @classmethod
+    def poll(cls, context):
+        reason = unavailable_reason(context)
+        if reason is not None:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def strips(self, context) -> list:
+        return [compat.active_strip(compat.sequencer_scene(context))]
+
+
+class SEQUENCER_OT_p2v_edit(_ActiveStrip, bpy.types.Operator):
+    """Edit the active strip with Pix2Video into a new image strip above it"""
+
+    bl_idname = "sequencer.p2v_edit"
+    bl_label = "Edit Strip"
+
+
+class SEQUENCER_OT_p2v_preview(_ActiveStrip, bpy.types.Operator):
+    """Edit only the anchor (the first frame of the range) to judge a look in seconds; the whole
+    edit then starts from its cached inversion and gives the same first frame"""
+
+    bl_idname = "sequencer.p2v_preview"
+    bl_label = "Preview Frame"
+    preview = True
+
+
+class SEQUENCER_OT_p2v_edit_selected(_StripQueue, bpy.types.Operator):
+    """Edit every selected image, movie or scene strip, one after another"""
+
+    bl_idname = "sequencer.p2v_edit_selected"
+    bl_label = "Edit Selected Strips"
+
+    @classmethod
+    def poll(cls, context):
+        if job_module.current_job() is not None:
+            cls.poll_message_set("A Pix2Video edit is running")
+            return False
+        if not selected_strips(compat.sequencer_scene(context)):
+            cls.poll_message_set("Select the image, movie or scene strips to edit")
+            return False
+        return True
+
+    def strips(self, context) -> list:
+        return selected_strips(compat.sequencer_scene(context))
+
+
+class SEQUENCER_OT_p2v_reedit(_StripQueue, bpy.types.Operator):
+    """Edit the source of the active result strip again, with the settings in the panel"""
+
+    bl_idname = "sequencer.p2v_reedit"
+    bl_label = "Re-edit Source"
+
+    @classmethod
+    def poll(cls, context):
+        scene = compat.sequencer_scene(context)
+        if job_module.current_job() is not None:
+            cls.poll_message_set("A Pix2Video edit is running")
+            return False
+        active = compat.active_strip(scene) if scene is not None else None
+        source = result_source(scene, active) if scene is not None else None
+        if source is None:
+            cls.poll_message_set("The active strip is not a Pix2Video result whose source is in this scene")
+            return False
+        reason = strip_problem(scene, source)
+        if reason is not None:
+            cls.poll_message_set(reason)
+            return False
+        return True
+
+    def strips(self, context) -> list:
+        scene = compat.sequencer_scene(context)
+        return [result_source(scene, compat.active_strip(scene))]
+
+
+class SEQUENCER_OT_p2v_load_settings(bpy.types.Operator):
+    """Put the settings the active result strip was made with into the panel (to change and re-edit)"""
+
+    bl_idname = "sequencer.p2v_load_settings"
+    bl_label = "Load Its Settings"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context):
+        scene = compat.sequencer_scene(context)
+        strip = compat.active_strip(scene) if scene is not None else None
+        if strip is None or not isinstance(strip.get("p2v_settings"), str):
+            cls.poll_message_set("The active strip is not a Pix2Video result")
+            return False
+        return True
+
+    def execute(self, context):
+        scene = compat.sequencer_scene(context)
+        strip = compat.active_strip(scene)
+        try:
+            loaded = properties.load_scene_settings(scene, json.loads(strip["p2v_settings"]))
+        except (ValueError, TypeError) as exc:
+            self.report({"ERROR"}, f"The settings recorded on '{strip.name}' cannot be read: {exc}")
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Loaded {len(loaded)} setting(s) of '{strip.name}' into the panel")
+        return {"FINISHED"}
 
 
 class SEQUENCER_OT_p2v_cancel(bpy.types.Operator):
@@ -330,6 +524,10 @@ def _watch(done) -> None:
 
 CLASSES = (
     SEQUENCER_OT_p2v_edit,
+    SEQUENCER_OT_p2v_preview,
+    SEQUENCER_OT_p2v_edit_selected,
+    SEQUENCER_OT_p2v_reedit,
+    SEQUENCER_OT_p2v_load_settings,
     SEQUENCER_OT_p2v_cancel,
     P2V_OT_release_runtime,
     P2V_OT_check_runtime,

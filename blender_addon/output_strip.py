@@ -100,10 +100,9 @@ def _unwritable(root: str, exc: OSError) -> P2VAddonError:
     )
 
 
-def result_name(source: str, prompt: str) -> str:
+def result_name(source: str, prompt: str, marker: str = " p2v") -> str:
     """``<source> p2v <prompt>`` within Blender's name length (UTF-8 bytes): the source's name and
     the prompt are shortened, never the ``p2v`` that marks a result."""
-    marker = " p2v"
     words = " ".join(str(prompt).split())
     source_part = _clip_bytes(source, 28 if words else NAME_BYTES - len(marker))
     name = source_part + marker

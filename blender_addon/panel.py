@@ -9,6 +9,11 @@ from . import job as job_module
 from ._vendor import settings as schema
 
 
+def prefs_output_dir(context) -> str:
+    prefs = preferences.addon_preferences(context)
+    return prefs.output_dir if prefs is not None else ""
+
+
 def draw_settings(layout, props, advanced: bool) -> None:
     """The scene's edit settings, in the schema's order; optional texts show what empty means."""
     for f in properties.fields(schema.SCENE, advanced):
@@ -41,20 +46,40 @@ class SEQUENCER_PT_p2v(bpy.types.Panel):
 
         strip = compat.active_strip(scene)
         layout.label(text=f"Strip: {strip.name}" if strip is not None else "No active strip", icon="SEQUENCE")
+        source = operators.result_source(scene, strip)
+        if strip is not None and strip.get("p2v_source") is not None:
+            box = layout.box()
+            box.label(text=f"Result of '{strip['p2v_source']}': {strip.get('p2v_prompt', '')}", icon="INFO")
+            row = box.row()
+            row.operator("sequencer.p2v_load_settings", icon="IMPORT")
+            row.operator("sequencer.p2v_reedit", icon="FILE_REFRESH")
+            if source is None:
+                box.label(text="Its source strip is not in this scene", icon="ERROR")
         draw_settings(layout.column(), props, advanced=False)
 
         running = job_module.current_job()
         if running is None:
-            row = layout.row()
+            row = layout.row(align=True)
             row.scale_y = 1.5
+            row.operator("sequencer.p2v_preview", text="Preview", icon="IMAGE_DATA")
             row.operator("sequencer.p2v_edit", text="Edit Strip", icon="SHADERFX")
+            selected = len(operators.selected_strips(scene))
+            if selected > 1:
+                layout.operator(
+                    "sequencer.p2v_edit_selected", text=f"Edit {selected} Selected Strips", icon="SEQ_STRIP_DUPLICATE"
+                )
             reason = operators.unavailable_reason(context)
             if reason is not None:
                 layout.label(text=reason, icon="INFO")
+            output_dir = (prefs_output_dir(context) or "//").strip()
+            if not bpy.data.filepath and output_dir.startswith("//"):
+                layout.label(text="File not saved: frames wait in the temp folder until it is", icon="ERROR")
         else:
-            status = running.status
             compat.layout_progress(
-                layout, running.progress, f"{running.frames_done}/{running.total} frames, {status.stage}"
+                layout,
+                running.progress,
+                f"{running.frames_done}/{running.edited_total} frames of '{running.strip_name}', "
+                f"{running.status.stage}",
             )
             layout.operator("sequencer.p2v_cancel", text="Cancel", icon="CANCEL")
 

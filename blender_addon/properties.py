@@ -77,6 +77,24 @@ def job_settings(scene, prefs, overrides: dict | None = None):
     return schema.EditSettings.from_dict(merged)
 
 
+def load_scene_settings(scene, recorded: dict) -> list[str]:
+    """Set the scene's settings from a result's recorded ones (unknown or refused values are skipped:
+    a result made by another version); return the names set."""
+    loaded = []
+    for f in fields(schema.SCENE):
+        if f.name not in recorded:
+            continue
+        value = recorded[f.name]
+        if value is None:
+            value = ""  # an optional text left empty: its default
+        try:
+            setattr(scene.p2v, f.name, value)
+        except (TypeError, ValueError):
+            continue
+        loaded.append(f.name)
+    return loaded
+
+
 P2VSceneSettings = type(
     "P2VSceneSettings",
     (bpy.types.PropertyGroup,),

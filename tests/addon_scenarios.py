@@ -790,6 +790,81 @@ def scenario_naming():
     return {key: {"name": value, "bytes": len(value.encode("utf-8"))} for key, value in cases.items()}
 
 
+def scenario_workflow():
+    """Preview, edit, load settings, re-edit and edit selected through the operators (background:
+    they run to the end): what each made, and the stats of each job."""
+    ops, compat = mod("operators"), mod("compat")
+    prefs = mod("preferences").addon_preferences()
+    scene = bpy.data.scenes["Edit"]
+    editor = scene.sequence_editor
+    values = settings()
+    props = scene.p2v
+    for name in ("prompt", "source_prompt", "steps", "size"):
+        setattr(props, name, values[name])
+    props.frames = ""
+    prefs.python = CONFIG["runtime_python"]
+    prefs.model, prefs.captioner, prefs.device = values["model"], values["captioner"], "cpu"
+    prefs.cache_dir = os.path.join(CONFIG["work"], "workflow-cache")
+    jobs = []
+    build_job = ops.build_job
+    ops.build_job = lambda *args, **kwargs: jobs.append(build_job(*args, **kwargs)) or jobs[-1]
+    before = set(strips_state(scene))
+    out = {}
+
+    def made():
+        return {
+            s.name: {
+                "length": s.frame_final_duration,
+                "source": s.get("p2v_source"),
+                "preview": bool(s.get("p2v_preview")),
+            }
+            for s in compat.all_strips(editor)
+            if s.name not in before
+        }
+
+    try:
+        editor.active_strip = compat.all_strips(editor)["img"]
+        out["preview1"] = sorted(bpy.ops.sequencer.p2v_preview())
+        props.prompt = "a blue car"
+        out["preview2"] = sorted(bpy.ops.sequencer.p2v_preview())
+        out["after_previews"] = made()
+        out["edit"] = sorted(bpy.ops.sequencer.p2v_edit())
+        out["after_edit"] = made()
+        result = next(s for s in compat.all_strips(editor) if s.name not in before and not s.get("p2v_preview"))
+        props.prompt, props.steps = "something else", 3
+        editor.active_strip = result
+        out["load"] = sorted(bpy.ops.sequencer.p2v_load_settings())
+        out["loaded"] = {"prompt": props.prompt, "steps": props.steps}
+        props.prompt = "a green car"
+        out["reedit"] = sorted(bpy.ops.sequencer.p2v_reedit())
+        out["after_reedit"] = made()
+        for s in compat.all_strips(editor):
+            s.select = s.name in ("img", "mov")
+        out["selected"] = sorted(bpy.ops.sequencer.p2v_edit_selected())
+        out["after_selected"] = made()
+        out["jobs"] = [
+            {
+                "strip": j.strip_name,
+                "preview": j.preview,
+                "state": j.state,
+                "hits": j.stats.get("inversion_cache_hits"),
+                "frames": j.stats.get("frames"),
+                "prompt": j.settings.prompt,
+            }
+            for j in jobs
+        ]
+        out["preview_image"] = "P2V Preview" in bpy.data.images
+        return out
+    finally:
+        ops.build_job = build_job
+        for s in list(compat.strips(editor)):
+            if s.name not in before:
+                compat.strips(editor).remove(s)
+        for s in compat.all_strips(editor):
+            s.select = False
+        props.prompt, props.steps = values["prompt"], values["steps"]
+
+
 def scenario_operator_poll():
     """The operator's poll explains why it is unavailable; the edit runs through bpy.ops too."""
     ops = mod("operators")
@@ -858,13 +933,19 @@ def scenario_modal_loop():
             "modal": op_cls.modal,
             "_status": op_cls._status,
             "_finished": op_cls._finished,
+            "_ended": op_cls._ended,
+            "_next_job": op_cls._next_job,
+            "_threaded": staticmethod(op_cls._threaded),
+            "preview": False,
+            "confirm_long": False,
             "report": lambda self, level, text: reports.append((sorted(level), text)),
         },
     )
     fake = fake_cls()
     fake._timer = None
-    fake._job = ops.build_job(bpy.context)
-    fake._job.start(threaded=True)
+    fake._queue, fake._outcomes, fake._cancelled = [], [], False
+    fake._job = job = ops.build_job(bpy.context)
+    job.start(threaded=True)
     answers = {
         "undo": sorted(fake.modal(bpy.context, FakeEvent("Z", "PRESS", ctrl=True))),
         "other": sorted(fake.modal(bpy.context, FakeEvent("MOUSEMOVE"))),
@@ -876,19 +957,19 @@ def scenario_modal_loop():
         result = fake.modal(bpy.context, FakeEvent("TIMER"))
         if result != {"RUNNING_MODAL"}:
             break
-        if fake._job.frames_done >= 1 and not cancelled:
+        if job.frames_done >= 1 and not cancelled:
             cancelled = True
             answers["esc"] = sorted(fake.modal(bpy.context, FakeEvent("ESC", "PRESS")))
         time.sleep(0.02)
     scene.p2v.steps = 2
-    strip = fake._job.output.strip()
+    strip = job.output.strip()
     length = strip.frame_final_duration if strip is not None else 0
-    remove_new_strip(fake._job)
+    remove_new_strip(job)
     return {
         "answers": answers,
         "result": sorted(result),
         "reports": reports,
-        "state": fake._job.state,
+        "state": job.state,
         "length": length,
         "ticks": ticks,
     }
@@ -1629,6 +1710,7 @@ SCENARIOS = {
     "placed_image": scenario_placed_image,
     "muted_source": scenario_muted_source,
     "naming": scenario_naming,
+    "workflow": scenario_workflow,
     "operator_poll": scenario_operator_poll,
     "operator_run": scenario_operator_run,
     "operator_in_override": scenario_operator_in_override,

@@ -65,6 +65,7 @@ SCENARIOS = (
     "placed_image",
     "muted_source",
     "naming",
+    "workflow",
     "operator_poll",
     "operator_run",
     "operator_in_override",
@@ -423,6 +424,38 @@ def test_result_names_keep_the_marker_and_fit(results):
         assert " p2v" in found[key]["name"] and found[key]["bytes"] <= 63, found[key]
     assert found["long_source"]["name"].endswith(" p2v a red fox")
     assert found["long_prompt"]["name"].startswith("Wolf p2v a marble") and found["long_prompt"]["name"].endswith("...")
+
+
+def test_preview_edit_reedit_and_edit_selected(results):
+    """The workflow of an artist: preview the anchor (twice: the older preview goes), edit the strip
+    (the preview's inversion is reused), load a result's settings, re-edit its source, and edit two
+    selected strips in one go."""
+    found = outcome(results, "workflow")
+    for key in ("preview1", "preview2", "edit", "load", "reedit", "selected"):
+        assert found[key] == ["FINISHED"], key
+    previews = [v for v in found["after_previews"].values() if v["preview"]]
+    assert len(previews) == 1 and previews[0] == {"length": 1, "source": "img", "preview": True}
+    assert [name for name in found["after_previews"]] == [n for n in found["after_previews"] if "preview" in n]
+    edited = [v for v in found["after_edit"].values() if not v["preview"]]
+    assert edited == [{"length": 5, "source": "img", "preview": False}]
+    assert found["loaded"] == {"prompt": "a blue car", "steps": 2}
+    reedits = [n for n, v in found["after_reedit"].items() if not v["preview"] and "green" in n]
+    assert len(reedits) == 1 and found["after_reedit"][reedits[0]]["source"] == "img"
+    selected = [v["source"] for n, v in found["after_selected"].items() if n not in found["after_reedit"]]
+    assert sorted(selected) == ["img", "mov"]
+    jobs = found["jobs"]
+    assert [(j["strip"], j["preview"], j["state"]) for j in jobs] == [
+        ("img", True, "done"),
+        ("img", True, "done"),
+        ("img", False, "done"),
+        ("img", False, "done"),
+        ("img", False, "done"),
+        ("mov", False, "done"),
+    ]
+    assert jobs[0]["frames"] == 1 and jobs[0]["hits"] == 0
+    assert jobs[2]["frames"] == 5 and jobs[2]["hits"] == 1  # the anchor's inversion from the preview
+    assert jobs[3]["prompt"] == "a green car"
+    assert found["preview_image"]
 
 
 def test_frames_sent_are_what_the_strip_shows(results):

@@ -507,7 +507,9 @@ def test_preview_is_the_whole_edits_first_frame_and_leaves_its_inversion(tiny_se
     stats = EditStats()
     preview = list(edit_clip(source, settings, stats=stats, preview=True))
     assert [index for index, _ in preview] == [0]
-    assert stats.frames == 1 and stats.unet_calls_inversion == settings.steps and stats.unet_calls_edit == settings.steps
+    assert (
+        stats.frames == 1 and stats.unet_calls_inversion == settings.steps and stats.unet_calls_edit == settings.steps
+    )
     assert source.reads >= (len(frames) if depth_norm == "clip" else 1)
     whole, whole_stats = run_edit(frames, settings)
     assert np.array_equal(preview[0][1], whole[0])
