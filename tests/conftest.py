@@ -114,6 +114,14 @@ def tiny_settings(tiny_models, tmp_path):
     return make
 
 
+def tiny_edit_options(tiny_models, cache_dir) -> list[str]:
+    """The command-line options of a fast edit on the tiny models (64 px, 2 steps, CPU, quiet)."""
+    return [
+        "--model", str(tiny_models["sd2-depth"]), "--captioner", str(tiny_models["blip"]),
+        "--size", "64", "--steps", "2", "--device", "cpu", "--quiet", "--cache-dir", str(cache_dir),
+    ]  # fmt: skip
+
+
 def synthetic_frames(count: int, width: int = 64, height: int = 64, seed: int = 0) -> list[np.ndarray]:
     """A square moving across a gradient: simple, deterministic, and different per frame."""
     rng = np.random.default_rng(seed)

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import synthetic_frames, write_png_clip
+from conftest import synthetic_frames, tiny_edit_options, write_png_clip
 from PIL import Image
 
 from p2v_runtime import ablation
@@ -16,29 +16,11 @@ from p2v_runtime.errors import InputError
 
 def ablate_args(tiny_models, tmp_path, clip, out, *extra):
     return [
-        "ablate",
-        str(clip),
-        "--out",
-        str(out),
-        "--prompt",
-        "a red sports car",
-        "--model",
-        str(tiny_models["sd2-depth"]),
-        "--captioner",
-        str(tiny_models["blip"]),
-        "--clip-model",
-        str(tiny_models["clip"]),
-        "--size",
-        "64",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--cache-dir",
-        str(tmp_path / "inversion-cache"),
-        "--quiet",
+        "ablate", str(clip), "--out", str(out), "--prompt", "a red sports car",
+        "--clip-model", str(tiny_models["clip"]),
+        *tiny_edit_options(tiny_models, tmp_path / "inversion-cache"),
         *extra,
-    ]
+    ]  # fmt: skip
 
 
 def test_p2v_ablate_end_to_end(tiny_models, tmp_path, capsys):

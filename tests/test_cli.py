@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, synthetic_frames, write_png_clip
+from conftest import REPO, synthetic_frames, tiny_edit_options, write_png_clip
 from PIL import Image
 
 from p2v_runtime import cli
@@ -42,27 +42,9 @@ def clip(tmp_path) -> Path:
 def edit_args(tiny_models, tmp_path):
     def make(input_path, out, *extra):
         return [
-            "edit",
-            str(input_path),
-            "--out",
-            str(out),
-            "--prompt",
-            "a red sports car",
-            "--model",
-            str(tiny_models["sd2-depth"]),
-            "--captioner",
-            str(tiny_models["blip"]),
-            "--size",
-            "64",
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--quiet",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-            *map(str, extra),
-        ]
+            "edit", str(input_path), "--out", str(out), "--prompt", "a red sports car",
+            *tiny_edit_options(tiny_models, tmp_path / "cache"), *map(str, extra),
+        ]  # fmt: skip
 
     return make
 

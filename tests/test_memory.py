@@ -12,7 +12,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, synthetic_frames, write_png_clip
+from conftest import REPO, synthetic_frames, tiny_edit_options, write_png_clip
 
 SIDE = 512
 FRAME_BYTES = SIDE * SIDE * 3
@@ -34,20 +34,10 @@ def peak_rss_of_edit(tiny_models, tmp_path, count: int) -> int:
             "a red sports car",
             "--source-prompt",
             "a car",
-            "--model",
-            str(tiny_models["sd2-depth"]),
-            "--size",
-            "64",
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--quiet",
             "--stats",
             str(stats),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
+            *tiny_edit_options(tiny_models, tmp_path / "cache"),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=900,

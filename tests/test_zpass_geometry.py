@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, tiny_edit_options
 from PIL import Image
 
 pytest.importorskip("OpenEXR")
@@ -104,22 +104,12 @@ def test_saved_depth_of_a_zpass_edit_shows_the_cube_brighter(rendered, tiny_mode
             "a stone tower",
             "--source-prompt",
             "a box",
-            "--model",
-            str(tiny_models["sd2-depth"]),
-            "--size",
-            "64",
-            "--steps",
-            "2",
-            "--device",
-            "cpu",
-            "--quiet",
             "--depth",
             str(depth),
             "--save-depth",
             str(used),
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ],
+            *tiny_edit_options(tiny_models, tmp_path / "cache"),
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
