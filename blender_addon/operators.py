@@ -10,7 +10,7 @@ import os
 import bpy
 from bpy.props import BoolProperty
 
-from . import compat, output_strip, preferences, properties, runtime_process, runtime_setup
+from . import compat, model_fetch, output_strip, preferences, properties, runtime_process, runtime_setup
 from . import job as job_module
 from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
@@ -490,6 +490,54 @@ class P2V_OT_setup_runtime(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class P2V_OT_fetch_models(bpy.types.Operator):
+    """Download the edit model and the captioner into the local runtime's model cache now, with
+    progress, rather than at the start of the first edit"""
+
+    bl_idname = "p2v.fetch_models"
+    bl_label = "Download Models"
+
+    @classmethod
+    def poll(cls, context):
+        task = model_fetch.current_task()
+        if task is not None and task.state == "running":
+            cls.poll_message_set("The download is running")
+            return False
+        prefs = preferences.addon_preferences(context)
+        if prefs is not None and prefs.runtime_mode == "REMOTE":
+            cls.poll_message_set("A remote runtime fetches its models on its own machine (p2v models fetch)")
+            return False
+        return True
+
+    def execute(self, context):
+        prefs = preferences.addon_preferences(context)
+        config = preferences.runtime_config(prefs)
+        wanted = properties.values(prefs, properties.schema.PREFERENCES) if prefs is not None else {}
+        defaults = properties.schema.EditSettings()
+        settings = {
+            name: wanted.get(name) or getattr(defaults, name) for name in ("model", "captioner", "dtype", "device")
+        }
+        task = model_fetch.start_task(
+            model_fetch.ModelFetchTask(config.python, settings, python_hint=config.python_hint)
+        )
+        _watch(lambda: task.state != "running")
+        self.report({"INFO"}, f"Downloading {settings['model']} and {settings['captioner']}")
+        return {"FINISHED"}
+
+
+class P2V_OT_cancel_fetch(bpy.types.Operator):
+    """Stop the model download (the files already fetched stay)"""
+
+    bl_idname = "p2v.cancel_fetch"
+    bl_label = "Stop Download"
+
+    def execute(self, context):
+        task = model_fetch.current_task()
+        if task is not None:
+            task.cancel()
+        return {"FINISHED"}
+
+
 class P2V_OT_cancel_setup(bpy.types.Operator):
     """Stop the runtime set-up"""
 
@@ -533,6 +581,8 @@ CLASSES = (
     P2V_OT_check_runtime,
     P2V_OT_setup_runtime,
     P2V_OT_cancel_setup,
+    P2V_OT_fetch_models,
+    P2V_OT_cancel_fetch,
 )
 
 
@@ -565,6 +615,7 @@ def unregister() -> None:
         running.cancel()
         running.wait(timeout=30)
     runtime_setup.reset()
+    model_fetch.reset()
     runtime_process.release()
     if keep_frames_with_the_file in bpy.app.handlers.save_pre:
         bpy.app.handlers.save_pre.remove(keep_frames_with_the_file)

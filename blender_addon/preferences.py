@@ -7,7 +7,7 @@ import sys
 import bpy
 from bpy.props import EnumProperty, IntProperty, StringProperty
 
-from . import compat, properties, runtime_process, runtime_setup
+from . import compat, model_fetch, properties, runtime_process, runtime_setup
 from ._vendor import settings as schema
 
 PACKAGE = __package__
@@ -180,6 +180,18 @@ class P2VPreferences(bpy.types.AddonPreferences):
             for line in list(task.lines)[-8:]:
                 log.label(text=line[:160])
             log.label(text=f"Log: {task.log_path}")
+
+        if self.runtime_mode == "LOCAL":
+            box = layout.box()
+            box.label(text="Models (downloaded once, then loaded from the cache)", icon="FILE_BLANK")
+            fetch = model_fetch.current_task()
+            if fetch is not None and fetch.state == "running":
+                compat.layout_progress(box, fetch.progress, fetch.text)
+                box.operator("p2v.cancel_fetch", icon="CANCEL")
+            else:
+                box.operator("p2v.fetch_models", icon="IMPORT")
+            if fetch is not None and fetch.message:
+                box.label(text=fetch.message, icon="ERROR" if fetch.state == "failed" else "INFO")
 
 
 def base_python(prefs) -> str:
