@@ -443,7 +443,10 @@ def depth_png_writer(folder) -> Callable[[int, np.ndarray], None]:
         raise InputError(f"cannot create --save-depth folder {folder}: {exc.strerror or exc}") from None
 
     def write(index: int, depth01: np.ndarray) -> None:
-        write_depth_png(folder / f"{index:06d}.png", depth01)
+        try:
+            write_depth_png(folder / f"{index:06d}.png", depth01)
+        except OSError as exc:  # a full disk, a quota
+            raise InputError(f"cannot write depth {index} to {folder}: {exc.strerror or exc}") from None
 
     return write
 
