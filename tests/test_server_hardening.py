@@ -828,3 +828,63 @@ def test_working_size_never_passes_the_source_rounded_up_to_64():
     assert working_size(300, 200, 512) == (320, 192)
     assert working_size(640, 480, 1024) == (640, 512)  # 640 is already a multiple of 64
     assert working_size(1920, 1080, 512) == (512, 320)  # larger sources are as before
+
+
+# --- 8. the add-on's own runtime (no Blender needed for this part) --------------------------------
+
+
+def _addon_runtime_process():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_addon
+    finally:
+        sys.path.pop(0)
+    build_addon.vendor()  # the add-on's vendored protocol and client, as the build writes them
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from blender_addon import runtime_process
+
+    return runtime_process
+
+
+def test_the_addons_local_runtime_listens_where_only_its_user_can_connect(tmp_path):
+    rp = _addon_runtime_process()
+    process = rp.RuntimeProcess(sys.executable, 60, str(tmp_path / "runtime.log"), serve_args=("--job-runner", "echo"))
+    process.start()
+    try:
+        process.wait_ready(timeout=60)
+        if UNIX:
+            assert process.host.startswith("unix:") and process.port == 0
+            path = Path(process.host[len("unix:") :])
+            assert stat.S_IMODE(path.lstat().st_mode) == 0o600
+            assert stat.S_IMODE(Path(process.socket_dir).stat().st_mode) == 0o700
+        else:
+            assert process.host == "127.0.0.1" and process.port > 0
+        with rp.connect(rp.RuntimeConfig(), process) as client:
+            assert client.ping() < 5
+        # Reached "as a remote runtime" by its address, as the add-on's Remote settings would.
+        config = rp.RuntimeConfig(mode="REMOTE", host=process.host, port=process.port, token=process.token)
+        with rp.connect(config, None) as client:
+            assert client.ping() < 5
+        wrong = rp.RuntimeConfig(mode="REMOTE", host=process.host, port=process.port, token="wrong")
+        with pytest.raises(Exception, match="refused the token"):
+            rp.connect(wrong, None)
+    finally:
+        process.stop()
+    assert not process.alive()
+    if UNIX:
+        assert not path.exists() and process.socket_dir is None
+
+
+def test_the_addons_remote_settings_take_a_ca_certificate(start, certificates):
+    rp = _addon_runtime_process()
+    running = start("--tls-cert", str(certificates["server.pem"]), "--tls-key", str(certificates["server.key"]))
+    config = rp.RuntimeConfig(mode="REMOTE", host=HOST, port=running.port, token=running.token)
+    with pytest.raises(Exception, match="speaks TLS: set the CA certificate in the Pix2Video preferences"):
+        rp.connect(config, None)
+    config.tls_ca = str(certificates["ca.pem"])
+    with rp.connect(config, None) as client:
+        assert client.ping() < 5
+    config.tls_ca = str(certificates["other-ca.pem"])
+    with pytest.raises(Exception, match="does not vouch"):
+        rp.connect(config, None)
