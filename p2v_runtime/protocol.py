@@ -608,8 +608,12 @@ def tls_server_context(certfile: str, keyfile: str | None = None) -> ssl.SSLCont
         context.num_tickets = 0  # TLS 1.3 session tickets would arrive as unread records
     except (AttributeError, ValueError):
         pass
-    context.load_cert_chain(certfile, keyfile)
+    context.load_cert_chain(certfile, keyfile, password=_no_password)  # never a prompt on the terminal
     return context
+
+
+def _no_password():
+    raise ValueError("the TLS key is encrypted: give the runtime an unencrypted key file (mode 0600)")
 
 
 class TLSSocket:

@@ -404,6 +404,22 @@ def test_tls_runtime_serves_tls_clients_and_tells_plain_ones_why(start, certific
     assert [i for i, _ in edited] == [0, 1] and all(np.array_equal(a, b) for (_, a), b in zip(edited, arrays))
 
 
+def test_tls_options_that_cannot_work_are_one_line(certificates, tmp_path):
+    encrypted = tmp_path / "encrypted.key"
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command makes the encrypted key")
+    _openssl("pkey", "-in", str(certificates["server.key"]), "-aes256", "-passout", "pass:secret", "-out",
+             str(encrypted), cwd=tmp_path)  # fmt: skip
+    for args, needle in (
+        (["--tls-cert", str(certificates["server.pem"]), "--tls-key", str(encrypted)], "encrypted"),
+        (["--tls-cert", str(tmp_path / "missing.pem")], "cannot read the TLS certificate"),
+        (["--tls-key", str(certificates["server.key"])], "--tls-key needs --tls-cert"),
+        *([(["--unix", str(tmp_path / "s"), "--tls-cert", str(certificates["server.pem"])], "needs no TLS")] * UNIX),
+    ):
+        out = _serve_once(*args)
+        assert out.returncode == 2 and needle in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_a_tls_client_of_a_plain_runtime_gets_one_clear_line(start, certificates):
     running = start()
     with pytest.raises(ConnectionLost, match="is it started with --tls-cert"):

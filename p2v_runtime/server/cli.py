@@ -248,6 +248,8 @@ def serve_main(args: argparse.Namespace) -> int:
             return _fail("--unix needs Unix sockets, which this system does not have: use --host and --port")
         if args.allow_remote or args.host != "127.0.0.1" or args.port != 0:
             return _fail("--unix serves this machine's user only: drop --host, --port and --allow-remote")
+        if args.tls_cert or args.tls_key:
+            return _fail("--unix is local and needs no TLS: drop --tls-cert and --tls-key")
     remote = args.unix is None and not is_loopback(args.host)
     if remote:
         if not args.allow_remote:
