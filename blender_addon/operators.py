@@ -431,7 +431,7 @@ def _run_check(config: runtime_process.RuntimeConfig) -> None:
             with client:
                 seconds = client.ping()
                 server = client.server_info.get("server", "p2v runtime")
-            runtime_setup.set_check_text(f"{server} at {config.host}:{config.port} answers ({seconds * 1000:.1f} ms)")
+            runtime_setup.set_check_text(f"{server} at {config.where} answers ({seconds * 1000:.1f} ms)")
         except P2VAddonError as exc:
             runtime_setup.set_check_text(str(exc))
         except Exception as exc:  # noqa: BLE001 - the check reports whatever went wrong

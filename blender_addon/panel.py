@@ -87,7 +87,8 @@ class SEQUENCER_PT_p2v(bpy.types.Panel):
         prefs = preferences.addon_preferences(context)
         process = runtime_process.current()
         if prefs is not None and prefs.runtime_mode == "REMOTE":
-            box.label(text=f"Runtime: {prefs.host}:{prefs.port}", icon="URL")
+            where = runtime_process.address_of(prefs.host.strip(), prefs.port)
+            box.label(text=f"Runtime: {where}{' (TLS)' if prefs.tls_ca else ''}", icon="URL")
         elif process is not None:
             box.label(text=f"Runtime: running (pid {process.pid})", icon="CHECKMARK")
         else:

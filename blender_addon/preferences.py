@@ -56,10 +56,11 @@ def read_token(prefs) -> str:
         try:
             with open(path, encoding="utf-8") as handle:
                 return handle.read().strip()
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             from .errors import P2VAddonError
 
-            raise P2VAddonError(f"Cannot read the token file {path}: {exc.strerror or exc}") from None
+            why = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or exc)
+            raise P2VAddonError(f"Cannot read the token file {path}: {why}") from None
     return os.environ.get("P2V_TOKEN", "").strip()
 
 
@@ -69,7 +70,11 @@ def runtime_config(prefs) -> runtime_process.RuntimeConfig:
         return runtime_process.RuntimeConfig(python=default_runtime_python(), log_dir=log_dir())
     if prefs.runtime_mode == "REMOTE":
         return runtime_process.RuntimeConfig(
-            mode="REMOTE", host=prefs.host.strip(), port=prefs.port, token=read_token(prefs)
+            mode="REMOTE",
+            host=prefs.host.strip(),
+            port=prefs.port,
+            token=read_token(prefs),
+            tls_ca=bpy.path.abspath(prefs.tls_ca) if prefs.tls_ca else "",
         )
     python = bpy.path.abspath(prefs.python) if prefs.python else default_runtime_python()
     return runtime_process.RuntimeConfig(python=python, idle_timeout=float(prefs.idle_timeout), log_dir=log_dir())
@@ -97,12 +102,22 @@ class P2VPreferences(bpy.types.AddonPreferences):
         min=30,
         description="The local runtime exits after this long without a job",
     )
-    host: StringProperty(name="Host", default="127.0.0.1")
+    host: StringProperty(
+        name="Host",
+        default="127.0.0.1",
+        description="The runtime's host name or address, or unix:PATH for one started with `p2v serve --unix PATH`",
+    )
     port: IntProperty(name="Port", default=0, min=0, max=65535)
     token: StringProperty(
         name="Token", subtype="PASSWORD", description="The runtime's token (or use a token file, or $P2V_TOKEN)"
     )
     token_file: StringProperty(name="Token file", subtype="FILE_PATH")
+    tls_ca: StringProperty(
+        name="CA certificate",
+        subtype="FILE_PATH",
+        description="For a runtime started with --tls-cert: the CA certificate (PEM) that signed its certificate; "
+        "the connection is then TLS. Empty: plain TCP (loopback, an SSH tunnel or a VPN)",
+    )
     # + the edit settings the schema keeps per user (models, device, ...): added below
     output_dir: StringProperty(
         name="Output folder",
@@ -147,6 +162,7 @@ class P2VPreferences(bpy.types.AddonPreferences):
             box.prop(self, "port")
             box.prop(self, "token")
             box.prop(self, "token_file")
+            box.prop(self, "tls_ca")
         row = box.row()
         row.operator("p2v.check_runtime", icon="CHECKMARK")
         row.operator("p2v.release_runtime", icon="X")

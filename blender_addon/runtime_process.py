@@ -3,15 +3,19 @@
 No bpy here (the worker thread and the set-up task use this module). The add-on holds at most one
 local runtime process (the "one runtime connection" of docs/design.md) in :data:`_runtime`:
 
-* started with the runtime Python as ``python -m p2v_runtime.cli serve --port 0 --idle-timeout S``;
-  the token is made here and passed in ``P2V_TOKEN`` (never on the command line); the port comes
-  from the ready line on its stdout; its stderr goes to a log file;
+* started with the runtime Python as ``python -m p2v_runtime.cli serve --unix PATH --idle-timeout S``
+  where the platform has Unix sockets (Linux, macOS: PATH is in a new folder only this user can
+  enter, and the socket is mode 0600, so other local users cannot even connect), else (Windows)
+  ``serve --port 0`` on 127.0.0.1; the token is made here and passed in ``P2V_TOKEN`` (never on
+  the command line); the socket or port comes from the ready line on its stdout; its stderr goes
+  to a log file;
 * reused while it runs with the same Python, so models stay loaded between jobs;
 * never outlives Blender: it exits on its own after ``--idle-timeout`` seconds unused, the add-on
   stops it on unregister and at exit, and on Linux it also gets SIGTERM when Blender dies
   (``PR_SET_PDEATHSIG``, set by a two-line bootstrap before the runtime's own ``main``).
 
-A remote runtime (host, port, token) is only connected to, never started or stopped.
+A remote runtime (host, port, token, and the CA certificate when it serves TLS; or a ``unix:PATH``
+host) is only connected to, never started or stopped.
 :func:`check_python` reports what a runtime Python has (``p2v_runtime`` version, torch and the
 device it finds) without importing torch here. Making a runtime environment is
 ``runtime_setup.py``'s job.
@@ -25,8 +29,10 @@ import os
 import queue
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +48,9 @@ except ImportError:  # pragma: no cover - a checkout where scripts/build_addon.p
 READY_TIMEOUT = 120.0  # first start on a cold disk: Python, then the runtime's imports
 DEFAULT_IDLE_TIMEOUT = 900.0
 _IS_LINUX = sys.platform.startswith("linux")
+UNIX_SOCKETS = hasattr(socket, "AF_UNIX") and os.name != "nt"  # the local runtime listens on one where it can
+UNIX_PREFIX = "unix:"
+_MAX_SOCKET_PATH = 100  # sun_path holds 104 (macOS) to 108 (Linux) bytes
 NO_WINDOW = getattr(subprocess, "CREATE_NO_WINDOW", 0)
 
 # Run by the runtime Python on Linux before the server starts: SIGTERM when the parent (Blender)
@@ -99,6 +108,7 @@ class RuntimeConfig:
     host: str = "127.0.0.1"
     port: int = 0
     token: str = ""
+    tls_ca: str = ""  # a remote runtime's CA certificate (PEM): connect with TLS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     log_dir: str = ""
     env: dict = field(default_factory=dict)  # extra environment for a local runtime
@@ -107,11 +117,44 @@ class RuntimeConfig:
     python_hint: str = "the path in the Pix2Video preferences"
     server_hint: str = "the host and port of the running runtime in the Pix2Video preferences"
     token_hint: str = "the token in the Pix2Video preferences"
+    tls_hint: str = "the CA certificate in the Pix2Video preferences"
+
+    @property
+    def where(self) -> str:
+        """The remote runtime's address: ``host:port``, or the ``unix:PATH`` given as its host."""
+        return address_of(self.host, self.port)
 
     def describe(self) -> str:
-        return (
-            f"the runtime at {self.host}:{self.port}" if self.mode == "REMOTE" else f"the local runtime ({self.python})"
+        return f"the runtime at {self.where}" if self.mode == "REMOTE" else f"the local runtime ({self.python})"
+
+
+def address_of(host: str, port: int) -> str:
+    if host.startswith(UNIX_PREFIX):
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def open_client(host: str, port: int, token: str, *, tls_ca: str = "", timeout: float, connect_timeout: float):
+    """A connected, authenticated client of the runtime at ``host`` (``unix:PATH`` or a TCP host) and ``port``."""
+    if host.startswith(UNIX_PREFIX):
+        return wire_client.Client(
+            None,
+            0,
+            token,
+            unix_path=host[len(UNIX_PREFIX) :],
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            name="pix2video-blender",
         )
+    return wire_client.Client(
+        host,
+        port,
+        token,
+        tls_ca=tls_ca or None,
+        timeout=timeout,
+        connect_timeout=connect_timeout,
+        name="pix2video-blender",
+    )
 
 
 def venv_python(folder: str) -> str:
@@ -151,8 +194,9 @@ class RuntimeProcess:
         self.env = dict(env or {})
         self.serve_args = tuple(serve_args)
         self.token = secrets.token_urlsafe(32)
-        self.host = "127.0.0.1"
-        self.port: int | None = None
+        self.host = "127.0.0.1"  # or unix:PATH, once ready
+        self.port: int | None = None  # 0 for a Unix socket, once ready
+        self.socket_dir: str | None = None  # the private folder of its Unix socket
         self.proc: subprocess.Popen | None = None
         self._lines: queue.Queue = queue.Queue()
         self._log_handle = None
@@ -168,16 +212,7 @@ class RuntimeProcess:
         env.setdefault("PYTHONUNBUFFERED", "1")
         for name in ("PYTHONHOME", "PYTHONPATH"):  # Blender's own Python settings must not leak in
             env.pop(name, None)
-        serve = [
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--idle-timeout",
-            f"{self.idle_timeout:g}",
-            *self.serve_args,
-        ]
+        serve = ["serve", *self._listen_args(), "--idle-timeout", f"{self.idle_timeout:g}", *self.serve_args]
         if _IS_LINUX:
             args = [self.python, "-c", _BOOTSTRAP, str(os.getpid()), *serve]
         else:
@@ -197,6 +232,17 @@ class RuntimeProcess:
             self._log_handle.close()
             raise P2VAddonError(f"Cannot start the runtime Python {self.python}: {exc.strerror or exc}") from None
         threading.Thread(target=self._read_stdout, name="p2v-runtime-stdout", daemon=True).start()
+
+    def _listen_args(self) -> list[str]:
+        """A Unix socket in a new private folder where there are Unix sockets; else a free port on 127.0.0.1."""
+        if UNIX_SOCKETS:
+            folder = tempfile.mkdtemp(prefix="p2v-")  # mode 0700: only this user can reach the socket
+            path = os.path.join(folder, "runtime.sock")
+            if len(path.encode()) <= _MAX_SOCKET_PATH:
+                self.socket_dir = folder
+                return ["--unix", path]
+            os.rmdir(folder)
+        return ["--host", "127.0.0.1", "--port", "0"]
 
     def _read_stdout(self) -> None:
         proc = self.proc
@@ -237,8 +283,11 @@ class RuntimeProcess:
                         f"The runtime speaks protocol {ready.get('protocol')}, the add-on {wire.PROTOCOL_VERSION}: "
                         "update the runtime (Set up runtime) or the add-on so they match"
                     )
-                self.host = str(ready.get("host") or "127.0.0.1")
-                self.port = int(ready["port"])
+                if ready.get("unix"):
+                    self.host, self.port = UNIX_PREFIX + str(ready["unix"]), 0
+                else:
+                    self.host = str(ready.get("host") or "127.0.0.1")
+                    self.port = int(ready["port"])
                 return
 
     def startup_failure(self) -> str:
@@ -284,9 +333,7 @@ class RuntimeProcess:
         if proc is not None and proc.poll() is None:
             if self.port is not None and wire_client is not None:
                 try:
-                    with wire_client.Client(
-                        self.host, self.port, self.token, timeout=2.0, connect_timeout=2.0, name="pix2video-blender"
-                    ) as client:
+                    with open_client(self.host, self.port, self.token, timeout=2.0, connect_timeout=2.0) as client:
                         client.shutdown(self.token)
                 except Exception:  # noqa: BLE001 - best effort: the process is stopped below anyway
                     pass
@@ -307,6 +354,9 @@ class RuntimeProcess:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+        if self.socket_dir is not None and (proc is None or proc.poll() is not None):
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
+            self.socket_dir = None
 
 
 _runtime: RuntimeProcess | None = None
@@ -364,27 +414,35 @@ atexit.register(release)
 def connect(config: RuntimeConfig, process: RuntimeProcess | None, cancel: threading.Event | None = None):
     """An open :class:`Client` to the runtime (worker thread): the local ``process`` or the remote one."""
     require_wire()
+    tls_ca = ""
     if config.mode == "REMOTE":
-        host, port, token = config.host, int(config.port), config.token
-        if not host or not 0 < port < 65536:
+        host, port, token, tls_ca = config.host.strip(), int(config.port), config.token, config.tls_ca
+        if not host or not (host.startswith(UNIX_PREFIX) or 0 < port < 65536):
             raise P2VAddonError(f"Set {config.server_hint}")
+        if tls_ca and host.startswith(UNIX_PREFIX):
+            tls_ca = ""  # a Unix socket is local: no TLS to check
     else:
         process.wait_ready(cancel)
         host, port, token = process.host, process.port, process.token
+    where = address_of(host, port)
     try:
-        return wire_client.Client(host, port, token, timeout=60.0, connect_timeout=10.0, name="pix2video-blender")
+        return open_client(host, port, token, tls_ca=tls_ca, timeout=60.0, connect_timeout=10.0)
     except wire.RemoteError as exc:
         if exc.code == wire.E_AUTH:
-            raise P2VAddonError(f"The runtime at {host}:{port} refused the token: check {config.token_hint}") from None
-        raise P2VAddonError(f"The runtime at {host}:{port} refused the connection: {exc.message}") from None
+            raise P2VAddonError(f"The runtime at {where} refused the token: check {config.token_hint}") from None
+        if exc.code == getattr(wire, "E_TLS", "tls"):
+            raise P2VAddonError(
+                f"The runtime at {where} speaks TLS: set {config.tls_hint} to the CA certificate that signed its "
+                "certificate"
+            ) from None
+        raise P2VAddonError(f"The runtime at {where} refused the connection: {exc.message}") from None
     except wire.ConnectionLost as exc:
-        raise P2VAddonError(
-            f"Cannot connect to the runtime at {host}:{port}: {exc.message.split(': ', 1)[-1]}"
-        ) from None
-    except (wire.ProtocolError, OSError) as exc:
-        raise P2VAddonError(
-            f"Cannot talk to the runtime at {host}:{port}: {getattr(exc, 'message', None) or exc}"
-        ) from None
+        message = exc.message
+        if message.startswith("cannot connect to the runtime at "):
+            message = message.split(": ", 1)[-1]
+        raise P2VAddonError(f"Cannot connect to the runtime at {where}: {message}") from None
+    except (wire.ProtocolError, OSError, ValueError) as exc:
+        raise P2VAddonError(f"Cannot talk to the runtime at {where}: {getattr(exc, 'message', None) or exc}") from None
 
 
 def check_python(python: str, timeout: float = 300.0) -> dict:

@@ -56,7 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--save-depth", metavar="DIR", help="write the normalised depth actually used (16-bit PNG)")
     edit.add_argument("--stats", metavar="FILE", help="write the edit's statistics as JSON")
     edit.add_argument("--overwrite", action="store_true", help="replace frames already in --out")
-    edit.add_argument("--server", metavar="HOST:PORT", help="run the edit on a running `p2v serve`")
+    edit.add_argument(
+        "--server", metavar="HOST:PORT", help="run the edit on a running `p2v serve` (or unix:PATH for its --unix)"
+    )
+    edit.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="with --server: connect with TLS, trusting the runtime's certificate by this CA (PEM)",
+    )
     edit.add_argument(
         "--preview",
         action="store_true",
@@ -131,6 +138,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def edit_main(args: argparse.Namespace) -> int:
+    from .errors import InputError
     from .frames import depth_png_writer, open_depth, open_frames, write_frame
 
     settings = settings_module.from_arguments(args, "cli")
@@ -155,14 +163,20 @@ def edit_main(args: argparse.Namespace) -> int:
         if args.server:
             from .client import edit_on_server
 
-            results = edit_on_server(args.server, frames, settings, **options)
+            results = edit_on_server(args.server, frames, settings, tls_ca=args.tls_ca, **options)
         else:
             from .editor import edit_clip
 
             results = edit_clip(frames, settings, **options)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot make --out {args.out}: {exc.strerror or exc}") from None
         for index, rgb in results:
-            write_frame(out_dir, index, rgb)
+            try:
+                write_frame(out_dir, index, rgb)
+            except OSError as exc:  # a full disk, a quota, a folder removed under us
+                raise InputError(f"cannot write frame {index} to {out_dir}: {exc.strerror or exc}") from None
             written += 1
     except KeyboardInterrupt:
         cancel.set()
@@ -181,7 +195,11 @@ def edit_main(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     if args.stats:
-        atomic_write_text(args.stats, json.dumps(stats.to_dict(), indent=2) + "\n")
+        try:
+            atomic_write_text(args.stats, json.dumps(stats.to_dict(), indent=2) + "\n")
+        except OSError as exc:
+            print(f"p2v: error: cannot write --stats {args.stats}: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_ERROR
     if not args.quiet:
         print(f"p2v: {written} frame(s) written to {out_dir}", file=sys.stderr)
     return 0

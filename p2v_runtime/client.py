@@ -6,6 +6,10 @@ finds the protocol both there and in ``p2v_runtime``. Frames go out as bytes-lik
 array) of ``height * width * 3`` uint8 RGB, depth as ``height * width`` float32 (little-endian).
 Results come back as ``bytearray`` objects of the same layout.
 
+Addresses are ``HOST:PORT`` or ``unix:PATH`` (a runtime started with ``p2v serve --unix PATH``).
+With ``tls_ca`` (a PEM file of the CA that signed the runtime's certificate) the connection is
+TLS, and the runtime's certificate must match the host connected to.
+
 Typical use::
 
     with Client.connect("127.0.0.1:50123", token) as client:
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -33,7 +38,8 @@ RemoteError = P.RemoteError
 ProtocolError = P.ProtocolError
 EditStats = P.EditStats
 
-DEFAULT_PORT_HINT = "HOST:PORT, e.g. 127.0.0.1:50123"
+DEFAULT_PORT_HINT = "HOST:PORT, e.g. 127.0.0.1:50123, or unix:PATH"
+UNIX_PREFIX = "unix:"
 _POLL = 0.1  # seconds between looks at the cancel flag while waiting for the server
 
 
@@ -52,11 +58,23 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 def token_from_env(token_file: str | None = None) -> str:
-    """The token from ``token_file`` when given, else ``$P2V_TOKEN`` (empty when neither)."""
+    """The token from ``token_file`` when given, else ``$P2V_TOKEN`` (empty when neither).
+
+    ``OSError`` when the file cannot be read, ``ValueError`` (one line) when the token is not UTF-8 text.
+    """
     if token_file:
-        with open(token_file, encoding="utf-8") as handle:
-            return handle.read().strip()
-    return os.environ.get("P2V_TOKEN", "").strip()
+        with open(token_file, "rb") as handle:
+            data = handle.read()
+        try:
+            return data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"the token file {token_file} is not UTF-8 text") from None
+    token = os.environ.get("P2V_TOKEN", "").strip()
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("P2V_TOKEN is not UTF-8 text") from None
+    return token
 
 
 class Client:
@@ -64,16 +82,19 @@ class Client:
 
     def __init__(
         self,
-        host: str,
+        host: str | None,
         port: int,
         token: str,
         *,
         timeout: float = 30.0,
         connect_timeout: float = 10.0,
         name: str = "p2v-client",
+        tls_ca: str | None = None,
+        unix_path: str | None = None,
     ):
         self.host = host
         self.port = port
+        self.unix_path = unix_path
         self.timeout = timeout
         self.results_received = 0
         self.server_info: dict = {}
@@ -81,12 +102,13 @@ class Client:
         self._job_width = self._job_height = 0
         self._cancel_sent = False
         self._closed = False
-        try:
-            self.sock = socket.create_connection((host, port), timeout=connect_timeout)
-        except OSError as exc:
-            raise ConnectionLost(f"cannot connect to the runtime at {self.where}: {exc.strerror or exc}") from None
+        if tls_ca and unix_path is not None:
+            raise ValueError("a unix: address is local and needs no TLS: drop the CA certificate")
+        sock = self._open(connect_timeout)
+        if tls_ca:
+            sock = self._start_tls(sock, tls_ca, connect_timeout)
+        self.sock = sock
         self.sock.settimeout(timeout)
-        P.tune_socket(self.sock)
         try:
             self._send({"type": "hello", "token": token, "protocol": P.PROTOCOL_VERSION, "client": name})
             reply = self._expect("hello_ok", timeout)
@@ -95,14 +117,76 @@ class Client:
             raise
         self.server_info = reply.header
 
+    def _open(self, connect_timeout: float):
+        try:
+            if self.unix_path is not None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.settimeout(connect_timeout)
+                    sock.connect(self.unix_path)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection((self.host, self.port), timeout=connect_timeout)
+        except OSError as exc:
+            raise ConnectionLost(f"cannot connect to the runtime at {self.where}: {exc.strerror or exc}") from None
+        P.tune_socket(sock)
+        return sock
+
+    def _start_tls(self, sock, tls_ca: str, connect_timeout: float):
+        """The TLS handshake, the runtime's certificate checked against ``tls_ca`` and the host name."""
+        try:
+            try:
+                context = P.tls_client_context(tls_ca)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConnectionLost(
+                    f"cannot use the CA certificate {tls_ca}: {getattr(exc, 'strerror', None) or exc}"
+                ) from None
+            try:
+                return P.TLSSocket.wrap(
+                    sock,
+                    context,
+                    server_side=False,
+                    server_hostname=self.host,
+                    deadline=time.monotonic() + connect_timeout,
+                )
+            except ssl.SSLCertVerificationError as exc:
+                raise ConnectionLost(
+                    f"the runtime at {self.where} has a certificate that {tls_ca} does not vouch for: "
+                    f"{exc.verify_message or exc.reason}"
+                ) from None
+            except TimeoutError:
+                raise ConnectionLost(
+                    f"no TLS handshake with the runtime at {self.where} within {connect_timeout:g} s"
+                ) from None
+            except (ssl.SSLError, OSError) as exc:
+                raise ConnectionLost(
+                    f"TLS with the runtime at {self.where} failed ({getattr(exc, 'reason', None) or exc}): is it "
+                    "started with --tls-cert?"
+                ) from None
+        except BaseException:
+            sock.close()
+            raise
+
     @classmethod
     def connect(cls, address: str, token: str | None = None, **kwargs) -> Client:
+        """A client of ``address`` (``HOST:PORT`` or ``unix:PATH``); the token defaults to ``$P2V_TOKEN``."""
+        token = token_from_env() if token is None else token
+        text = address.strip()
+        if text.startswith(UNIX_PREFIX):
+            path = text[len(UNIX_PREFIX) :]
+            if not path:
+                raise ValueError(f"bad server address {address!r}: expected {DEFAULT_PORT_HINT}")
+            return cls(None, 0, token, unix_path=path, **kwargs)
         host, port = parse_address(address)
-        return cls(host, port, token_from_env() if token is None else token, **kwargs)
+        return cls(host, port, token, **kwargs)
 
     @property
     def where(self) -> str:
-        return f"{self.host}:{self.port}"
+        if self.unix_path is not None:
+            return UNIX_PREFIX + self.unix_path
+        return f"[{self.host}]:{self.port}" if ":" in str(self.host) else f"{self.host}:{self.port}"
 
     def __enter__(self) -> Client:
         return self
@@ -407,6 +491,7 @@ def edit_on_server(
     warn=None,
     depth_sink=None,
     preview: bool = False,
+    tls_ca: str | None = None,
 ) -> RemoteEdit:
     """``edit_clip`` run by a server: same arguments, iterates ``(index, image)`` in order.
 
@@ -417,11 +502,19 @@ def edit_on_server(
     The server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does), and
     with ``depth_sink`` each frame's depth (latent size, [0, 1]) to ``depth_sink(index, depth)``;
     ``preview`` edits the anchor only, as ``edit_clip`` does. The
-    token is ``token`` or ``$P2V_TOKEN``. Errors are raised as the matching ``P2VError`` when
+    token is ``token`` or ``$P2V_TOKEN``; ``tls_ca`` makes the connection TLS (see :class:`Client`).
+    Errors are raised as the matching ``P2VError`` when
     ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
     """
     options = dict(
-        depth=depth, progress=progress, cancel=cancel, token=token, warn=warn, depth_sink=depth_sink, preview=preview
+        depth=depth,
+        progress=progress,
+        cancel=cancel,
+        token=token,
+        warn=warn,
+        depth_sink=depth_sink,
+        preview=preview,
+        tls_ca=tls_ca,
     )
     return RemoteEdit(address, frames, settings, stats, options)
 
@@ -443,7 +536,7 @@ class RemoteEdit:
         """Stop early: closing the connection cancels the job on the server."""
         self._iterator.close()
 
-    def _run(self, address, frames, settings, *, depth, progress, cancel, token, warn, depth_sink, preview):
+    def _run(self, address, frames, settings, *, depth, progress, cancel, token, warn, depth_sink, preview, tls_ca):
         width, height = frames.size
         count = len(frames)
         try:
@@ -460,7 +553,7 @@ class RemoteEdit:
             return values if np is None else np.ascontiguousarray(values, dtype="<f4")
 
         try:
-            client = Client.connect(address, token)
+            client = Client.connect(address, token, tls_ca=tls_ca)
         except (ProtocolError, ValueError, OSError) as exc:
             raise _as_p2v_error(exc) from None
         with client:
@@ -534,33 +627,50 @@ def _as_p2v_error(exc: Exception) -> Exception:
 
 def add_ping_arguments(parser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="runtime host (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, required=True, help="runtime port (the ready line's port)")
+    parser.add_argument("--port", type=int, default=None, help="runtime port (the ready line's port)")
+    parser.add_argument(
+        "--server", metavar="ADDRESS", default=None, help="the runtime's address instead: HOST:PORT or unix:PATH"
+    )
     parser.add_argument("--token-file", default=None, help="file holding the token (default: $P2V_TOKEN)")
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", default=None, help="connect with TLS, trusting the runtime's certificate by this CA"
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the runtime (default 5)")
 
 
 def ping_main(args) -> int:
     """``p2v ping``: exit 0 and print the round trip when the runtime answers, else 1 with the reason."""
+    address = getattr(args, "server", None)
+    if address is None:
+        if args.port is None:
+            print("p2v ping: give --port (the ready line's port) or --server ADDRESS", file=sys.stderr)
+            return 2
+        address = f"[{args.host}]:{args.port}" if ":" in args.host else f"{args.host}:{args.port}"
     try:
         token = token_from_env(getattr(args, "token_file", None))
     except OSError as exc:
         print(f"p2v ping: cannot read --token-file: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:
+        print(f"p2v ping: {exc}", file=sys.stderr)
+        return 1
     try:
-        with Client(
-            args.host, args.port, token, timeout=args.timeout, connect_timeout=args.timeout, name="p2v-ping"
+        with Client.connect(
+            address,
+            token,
+            timeout=args.timeout,
+            connect_timeout=args.timeout,
+            name="p2v-ping",
+            tls_ca=getattr(args, "tls_ca", None),
         ) as client:
             seconds = client.ping()
             server = client.server_info.get("server", "p2v runtime")
     except RemoteError as exc:
         hint = " (set P2V_TOKEN or --token-file)" if exc.code == P.E_AUTH else ""
-        print(f"p2v ping: {args.host}:{args.port}: {exc.message}{hint}", file=sys.stderr)
+        print(f"p2v ping: {address}: {exc.message}{hint}", file=sys.stderr)
         return 1
-    except (ProtocolError, OSError) as exc:
-        print(f"p2v ping: {args.host}:{args.port}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+    except (ProtocolError, OSError, ValueError) as exc:
+        print(f"p2v ping: {address}: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
         return 1
-    print(
-        f"pong from {args.host}:{args.port} ({server}, protocol {P.PROTOCOL_VERSION}): "
-        f"round trip {seconds * 1000:.2f} ms"
-    )
+    print(f"pong from {address} ({server}, protocol {P.PROTOCOL_VERSION}): round trip {seconds * 1000:.2f} ms")
     return 0

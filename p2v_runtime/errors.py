@@ -12,7 +12,15 @@ class InputError(P2VError, ValueError):
 
 
 class ModelLoadError(P2VError):
-    """A model id or folder could not be loaded."""
+    """A model id or folder could not be loaded.
+
+    ``public``, when set, is the message without the loading library's own text (which can quote
+    the file it choked on): what a runtime server tells a client on another machine.
+    """
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public
 
 
 class GpuOutOfMemory(P2VError):

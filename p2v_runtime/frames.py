@@ -63,10 +63,15 @@ def working_size(width: int, height: int, long_side: int) -> tuple[int, int]:
     Both sides are multiples of 64 (the UNet's down-sampling needs multiples of 8 in latent
     space), rounded to the nearest multiple, half up, at least 64: 1920x1080 at 512 gives
     512x320 (1080*512/1920 = 288 lies exactly between 256 and 320).
+
+    The long side is never more than the source's long side rounded up to a multiple of 64: a
+    small clip is not upscaled to ``long_side`` (a 2x2 upload at 1024 works at 64x64, a 300x200
+    clip at 512 works at 320x192), so no one pays the cost of a large edit of a tiny picture.
     """
     if width <= 0 or height <= 0 or long_side <= 0:
         raise ValueError(f"sizes must be positive, got {width}x{height} at {long_side}")
     longest = max(64, _round_half_up(Fraction(long_side, 64)) * 64)
+    longest = min(longest, -(-max(width, height) // 64) * 64)  # never past the source, to a multiple of 64
     if width >= height:
         short = Fraction(height * longest, width * 64)
         return longest, max(64, _round_half_up(short) * 64)
@@ -438,7 +443,10 @@ def depth_png_writer(folder) -> Callable[[int, np.ndarray], None]:
         raise InputError(f"cannot create --save-depth folder {folder}: {exc.strerror or exc}") from None
 
     def write(index: int, depth01: np.ndarray) -> None:
-        write_depth_png(folder / f"{index:06d}.png", depth01)
+        try:
+            write_depth_png(folder / f"{index:06d}.png", depth01)
+        except OSError as exc:  # a full disk, a quota
+            raise InputError(f"cannot write depth {index} to {folder}: {exc.strerror or exc}") from None
 
     return write
 

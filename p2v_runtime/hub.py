@@ -97,9 +97,14 @@ def parse_name(name: str, role: str = "model") -> ModelName:
         return ModelName(text, folder=Path(os.path.realpath(expanded)))
     if os.path.exists(expanded):
         raise ModelLoadError(f"cannot load {label}: {label} folder {text} is a file, not a folder")
-    if _REPO_ID.match(text) and "--" not in text and ".." not in text and not text.endswith((".", "-")):
+    if looks_like_hub_id(text):
         return ModelName(text, repo_id=text)
     raise ModelLoadError(f"cannot load {label}: {label} folder {text} does not exist")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``org/name`` or ``name`` as the hub spells ids: never a path (no ``..``, ``/x``, ``~``, ``a/b/c``)."""
+    return bool(_REPO_ID.match(text)) and "--" not in text and ".." not in text and not text.endswith((".", "-"))
 
 
 # -- which files a precision needs --------------------------------------------------------------

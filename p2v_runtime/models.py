@@ -174,7 +174,7 @@ def load_captioner(model: str, device: str, *, progress=None, warn=None) -> tupl
             processor = BlipProcessor.from_pretrained(folder)
             blip = BlipForConditionalGeneration.from_pretrained(folder).to(device).eval()
         except Exception as exc:  # noqa: BLE001 - every loader failure becomes one clear line
-            raise ModelLoadError(_load_failure("captioner", model, exc, "--captioner", "--source-prompt")) from exc
+            raise _load_error("captioner", model, exc, "--captioner", "--source-prompt") from exc
         return Captioner(blip, processor, device, model, time.perf_counter() - started)
 
     return _warm("captioner", (location, device), load)
@@ -196,7 +196,7 @@ def load_clip(model: str, device: str, *, progress=None, warn=None) -> tuple[Cli
             clip = CLIPModel.from_pretrained(folder).to(device).eval()
             clip.requires_grad_(False)
         except Exception as exc:  # noqa: BLE001
-            raise ModelLoadError(_load_failure("CLIP model", model, exc, "--clip-model", None)) from exc
+            raise _load_error("CLIP model", model, exc, "--clip-model", None) from exc
         return ClipScorer(clip, processor, device, model, time.perf_counter() - started)
 
     return _warm("clip", (location, device), load)
@@ -291,7 +291,7 @@ def _from_pretrained_depth(model: str, folder, status: hub.LocalStatus, dtype):
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         return pipe
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(_load_failure("model", model, exc, "--model", None)) from exc
+        raise _load_error("model", model, exc, "--model", None) from exc
 
 
 def _refuse_pickles_on_old_torch(model: str, label: str, option: str, status: hub.LocalStatus) -> None:
@@ -313,12 +313,16 @@ def _torch_version() -> tuple[int, int]:
         return (99, 0)
 
 
-def _load_failure(what: str, name: str, exc: Exception, option: str, alternative: str | None) -> str:
+def _load_error(what: str, name: str, exc: Exception, option: str, alternative: str | None) -> ModelLoadError:
+    """One line with the loader's reason; its ``public`` twin names only the setting, not the reason."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     hint = f"`p2v models check` tests each part; or pass {option} another folder or id" + (
         f", or give {alternative}" if alternative else ""
     )
-    return f"cannot load {what} {name!r} ({reason[:200]}); {hint}"
+    return ModelLoadError(
+        f"cannot load {what} {name!r} ({reason[:200]}); {hint}",
+        public=f"cannot load {what} {name!r}: its files did not load (the reason is in the runtime's log); {hint}",
+    )
 
 
 def _weights_fingerprint(pipe) -> str:

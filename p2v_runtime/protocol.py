@@ -23,7 +23,10 @@ import json
 import math
 import select
 import socket
+import ssl
 import struct
+import threading
+import time
 from typing import Any, Protocol
 
 PROTOCOL_VERSION = 1
@@ -72,6 +75,7 @@ E_MODEL_LOAD = "model_load"
 E_GPU_OOM = "gpu_oom"
 E_EDIT_FAILED = "edit_failed"
 E_INTERNAL = "internal"
+E_TLS = "tls"
 
 ERROR_CODES = (
     E_BAD_MAGIC,
@@ -99,6 +103,7 @@ ERROR_CODES = (
     E_GPU_OOM,
     E_EDIT_FAILED,
     E_INTERNAL,
+    E_TLS,
 )
 
 
@@ -463,14 +468,20 @@ def decode(
 # --- socket helpers ----------------------------------------------------------------------------
 
 
-def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+def recv_exact_into(sock: socket.socket, view: memoryview, deadline: float | None = None) -> None:
     """Fill ``view`` from ``sock``; ``truncated`` on end of stream, ``timeout`` on a stall.
 
     The socket's own timeout is the stall limit: each ``recv`` must make progress within it.
+    With ``deadline`` (a ``time.monotonic()`` value) the whole read must also end by then.
     """
     got = 0
     total = len(view)
     while got < total:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProtocolError(E_TIMEOUT, f"peer did not finish the message in time ({got} of {total} bytes)")
+            sock.settimeout(left)
         try:
             n = sock.recv_into(view[got:], total - got)
         except TimeoutError:
@@ -495,7 +506,14 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 def wait_readable(sock: socket.socket, timeout: float | None) -> bool:
-    """True when a read on ``sock`` would not block (data or end of stream) within ``timeout``."""
+    """True when a read on ``sock`` would not block (data or end of stream) within ``timeout``.
+
+    A TLS socket may hold decrypted bytes that the operating system no longer shows as readable:
+    those count first.
+    """
+    pending = getattr(sock, "pending", None)
+    if pending is not None and pending():
+        return True
     readable, _, _ = select.select([sock], [], [], timeout)
     return bool(readable)
 
@@ -538,31 +556,172 @@ SEND_CHUNK = 1024 * 1024
 
 
 def send_all(sock: socket.socket, data) -> None:
-    """``sendall`` in 1 MiB pieces, so the socket timeout bounds a stall, not a whole large frame.
+    """Send all of ``data``; the socket's timeout bounds a stall, never the whole transfer.
 
-    (Python's ``sendall`` applies its timeout to the total duration of the call.)
+    Each ``send`` waits at most the socket's timeout for room and sends what fits, so a peer that
+    reads slowly but steadily is served however long the data takes; only a peer that takes
+    nothing for the timeout raises ``TimeoutError``. (``sendall`` applies its timeout to the whole
+    call: a 1 MiB piece to a client reading 40 kB/s would fail a 30 s limit.)
     """
     view = memoryview(data)
-    if len(view) <= SEND_CHUNK:
-        sock.sendall(view)
-        return
-    for start in range(0, len(view), SEND_CHUNK):
-        sock.sendall(view[start : start + SEND_CHUNK])
+    if view.ndim != 1 or view.format != "B":
+        view = view.cast("B")
+    sent, total = 0, len(view)
+    while sent < total:
+        sent += sock.send(view[sent : sent + SEND_CHUNK])
 
 
 def send_message(sock: socket.socket, header: dict, payload=None) -> int:
     """Send one message; return the bytes written. ``payload`` is any bytes-like object."""
     if payload is None:
         data = encode_head(header)
-        sock.sendall(data)
+        send_all(sock, data)
         return len(data)
     view = memoryview(payload)
     if view.ndim != 1 or view.format != "B":
         view = view.cast("B")
     head = encode_head(header, len(view))
     if len(view) <= 65536:
-        sock.sendall(head + view.tobytes())
+        send_all(sock, head + view.tobytes())
     else:
-        sock.sendall(head)
+        send_all(sock, head)
         send_all(sock, view)
     return len(head) + len(view)
+
+
+# --- TLS ---------------------------------------------------------------------------------------
+
+
+def tls_client_context(cafile: str) -> ssl.SSLContext:
+    """Verify the runtime's certificate against ``cafile`` (and its name against the host asked for)."""
+    context = ssl.create_default_context(cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def tls_server_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
+    """The runtime's side: its certificate chain and key; TLS 1.2 or later, no renegotiation."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= getattr(ssl, "OP_NO_RENEGOTIATION", 0) | ssl.OP_NO_TICKET
+    try:
+        context.num_tickets = 0  # TLS 1.3 session tickets would arrive as unread records
+    except (AttributeError, ValueError):
+        pass
+    context.load_cert_chain(certfile, keyfile, password=_no_password)  # never a prompt on the terminal
+    return context
+
+
+def _no_password():
+    raise ValueError("the TLS key is encrypted: give the runtime an unencrypted key file (mode 0600)")
+
+
+class TLSSocket:
+    """A TLS connection one thread reads while another writes (the runtime's reader and writer).
+
+    OpenSSL does not allow two threads in one connection at once, so every TLS call runs under a
+    lock, non-blocking; the waiting for the network happens outside it. The methods are the
+    subset of ``socket.socket`` the protocol uses, with the same timeout semantics: ``timeout``
+    bounds each wait for progress, ``TimeoutError`` when it passes, ``None`` waits for ever.
+    """
+
+    _SLICE = 0.25  # longest single wait, so a state another thread changed is seen soon
+    _CHUNK = 64 * 1024
+
+    def __init__(self, tls: ssl.SSLSocket, timeout: float | None = None):
+        tls.setblocking(False)
+        self._tls = tls
+        self._lock = threading.Lock()
+        self._timeout = timeout
+
+    @classmethod
+    def wrap(
+        cls,
+        sock: socket.socket,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+        deadline: float | None = None,
+        stop=None,
+    ) -> TLSSocket:
+        """Wrap a connected socket and finish the handshake by ``deadline`` (``stop()``: give up)."""
+        timeout = sock.gettimeout()
+        tls = context.wrap_socket(
+            sock, server_side=server_side, server_hostname=server_hostname, do_handshake_on_connect=False
+        )
+        wrapped = cls(tls, timeout)
+        wrapped._io(tls.do_handshake, deadline, stop)
+        return wrapped
+
+    def _io(self, operation, deadline: float | None, stop=None):
+        while True:
+            with self._lock:
+                try:
+                    return operation()
+                except ssl.SSLWantReadError:
+                    want_read = True
+                except ssl.SSLWantWriteError:
+                    want_read = False
+            if stop is not None and stop():
+                raise TimeoutError("stopped")
+            wait = self._SLICE
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                wait = min(wait, left)
+            fd = self._tls.fileno()
+            if fd < 0:
+                raise OSError("the connection is closed")
+            select.select([fd] if want_read else [], [] if want_read else [fd], [], wait)
+
+    def _deadline(self) -> float | None:
+        return None if self._timeout is None else time.monotonic() + self._timeout
+
+    def recv_into(self, buffer, nbytes: int = 0) -> int:
+        view = memoryview(buffer).cast("B")
+        nbytes = nbytes or len(view)
+        try:
+            return self._io(lambda: self._tls.recv_into(view, nbytes), self._deadline())
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0  # the peer closed (with or without TLS close_notify)
+
+    def recv(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        n = self.recv_into(buffer, size)
+        return bytes(buffer[:n])
+
+    def send(self, data) -> int:
+        chunk = memoryview(data).cast("B")[: self._CHUNK]
+        return self._io(lambda: self._tls.send(chunk), self._deadline())
+
+    def sendall(self, data) -> None:
+        send_all(self, data)
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._tls.pending()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def fileno(self) -> int:
+        return self._tls.fileno()
+
+    def setsockopt(self, *args) -> None:
+        self._tls.setsockopt(*args)
+
+    def getpeername(self):
+        return self._tls.getpeername()
+
+    def shutdown(self, how: int) -> None:
+        # The plain socket's shutdown: SSLSocket.shutdown would also drop the TLS state, and a
+        # reader in another thread would then read ciphertext as if it were the protocol.
+        socket.socket.shutdown(self._tls, how)
+
+    def close(self) -> None:
+        self._tls.close()

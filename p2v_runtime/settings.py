@@ -128,7 +128,16 @@ class EditSettings:
             ),
         ),
     )
-    size: int = setting(512, Spec("Size", "long side of the working size in pixels", low=64, high=4096, multiple_of=64))
+    size: int = setting(
+        512,
+        Spec(
+            "Size",
+            "long side of the working size in pixels (at most the clip's own, rounded up to a multiple of 64)",
+            low=64,
+            high=4096,
+            multiple_of=64,
+        ),
+    )
     layers: str = setting(
         "decoder",
         Spec(

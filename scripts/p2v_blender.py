@@ -68,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "the model's size, near = bright), also for --depth zpass",
     )
     parser.add_argument("--runtime-python", help="Python that has p2v_runtime (starts a local runtime)")
-    parser.add_argument("--server", metavar="HOST:PORT", help="use a running `p2v serve` instead")
+    parser.add_argument(
+        "--server", metavar="HOST:PORT", help="use a running `p2v serve` instead (or unix:PATH for its --unix)"
+    )
     parser.add_argument("--token-file", help="file with the --server token (default: $P2V_TOKEN)")
+    parser.add_argument(
+        "--tls-ca", metavar="FILE", help="the CA certificate of a --server started with --tls-cert (connect with TLS)"
+    )
     parser.add_argument(
         "--output-dir",
         metavar="DIR",
@@ -256,19 +261,23 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
 
 def _runtime_config(args, prefs, preferences, runtime_process):
     if args.server:
-        host, _, port = args.server.rpartition(":")
-        if not host or not port.isdigit():
-            raise preferences_error(preferences, f"--server {args.server}: expected HOST:PORT")
+        if args.server.startswith("unix:"):
+            host, port = args.server, "0"
+        else:
+            host, _, port = args.server.rpartition(":")
+            if not host or not port.isdigit():
+                raise preferences_error(preferences, f"--server {args.server}: expected HOST:PORT or unix:PATH")
         token = os.environ.get("P2V_TOKEN", "").strip()
         if args.token_file:
             try:
                 with open(args.token_file, encoding="utf-8") as handle:
                     token = handle.read().strip()
-            except OSError as exc:
-                raise preferences_error(
-                    preferences, f"cannot read --token-file {args.token_file}: {exc.strerror or exc}"
-                ) from None
-        config = runtime_process.RuntimeConfig(mode="REMOTE", host=host.strip("[]"), port=int(port), token=token)
+            except (OSError, UnicodeDecodeError) as exc:
+                why = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else (exc.strerror or exc)
+                raise preferences_error(preferences, f"cannot read --token-file {args.token_file}: {why}") from None
+        config = runtime_process.RuntimeConfig(
+            mode="REMOTE", host=host.strip("[]"), port=int(port), token=token, tls_ca=args.tls_ca or ""
+        )
     else:
         config = preferences.runtime_config(prefs)
         config.mode = "LOCAL"
@@ -280,6 +289,7 @@ def _runtime_config(args, prefs, preferences, runtime_process):
     config.python_hint = "--runtime-python (or $P2V_RUNTIME_PYTHON)"
     config.server_hint = "--server HOST:PORT"
     config.token_hint = "the token in --token-file (or $P2V_TOKEN)"
+    config.tls_hint = "--tls-ca"
     return config
 
 

@@ -106,6 +106,9 @@ def test_parse_frame_range_out_of_range(spec):
         (1280, 720, 768, (768, 448)),  # 432 -> 448
         (640, 480, 512, (512, 384)),
         (3000, 100, 512, (512, 64)),
+        (2, 2, 1024, (64, 64)),  # never past the source's long side rounded up to 64
+        (300, 200, 512, (320, 192)),
+        (100, 60, 128, (128, 64)),
     ],
 )
 def test_working_size(width, height, long_side, expected):
@@ -116,7 +119,8 @@ def test_working_size_sides_are_multiples_of_64():
     for width in range(50, 4000, 137):
         for height in range(50, 4000, 211):
             w, h = F.working_size(width, height, 512)
-            assert w % 64 == 0 and h % 64 == 0 and max(w, h) == 512 and min(w, h) >= 64
+            longest = min(512, -(-max(width, height) // 64) * 64)  # no upscaling past the source
+            assert w % 64 == 0 and h % 64 == 0 and max(w, h) == longest and min(w, h) >= 64
 
 
 def test_resize_rgb():

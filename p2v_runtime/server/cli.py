@@ -1,7 +1,8 @@
 """``p2v serve`` on the command line: its arguments, the token, the ready line, signals.
 
 ``--job-runner`` is hidden: tests and benchmarks pass ``echo`` to run without a model. Nothing a
-client sends can choose the runner, and the echo runner is imported only when asked for.
+client sends can choose the runner, and the echo runner is imported only when asked for. So are
+``--max-connections``, ``--max-waiting`` and ``--auth-backoff`` (limits tests turn).
 """
 
 from __future__ import annotations
@@ -13,17 +14,32 @@ import math
 import os
 import secrets
 import signal
+import ssl
 import sys
 import threading
 
 from .. import protocol as P
 from ..errors import P2VError
 from .job import JobRunner, edit_job_runner
-from .server import DEFAULT_FRAME_TIMEOUT, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, Server, is_loopback
+from .paths import PathRules
+from .server import (
+    DEFAULT_AUTH_BACKOFF,
+    DEFAULT_FRAME_TIMEOUT,
+    DEFAULT_HELLO_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_WAITING,
+    DEFAULT_READ_TIMEOUT,
+    UNIX_PREFIX,
+    Server,
+    is_loopback,
+    unix_sockets_available,
+)
 
 log = logging.getLogger("p2v.serve")
 
 JOB_RUNNERS = ("edit", "echo")  # --job-runner choices; "echo" is for tests and benchmarks
+MIN_REMOTE_TOKEN_CHARS = 22  # 128 bits as url-safe base64 (``secrets.token_urlsafe(16)``)
+MIN_REMOTE_TOKEN_DISTINCT = 10  # a random 22-character token has about 19 different characters
 
 
 def runner_named(name: str) -> JobRunner:
@@ -41,21 +57,67 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--port", type=int, default=0, help="port to listen on; 0 picks a free one (see the ready line)"
     )
     parser.add_argument(
+        "--unix",
+        metavar="PATH",
+        default=None,
+        help="listen on a Unix socket at PATH (mode 0600: other local users cannot connect) instead of "
+        "--host/--port; Linux and macOS",
+    )
+    parser.add_argument(
         "--allow-remote",
         action="store_true",
-        help="allow a non-loopback --host; needs a token from P2V_TOKEN or --token-file",
+        help="allow a non-loopback --host; needs a strong token from P2V_TOKEN or --token-file (see --new-token)",
     )
     parser.add_argument(
         "--idle-timeout",
         type=float,
         default=None,
         metavar="S",
-        help="exit after S seconds with no job and no message from any client",
+        help="exit after S seconds with no job and no message from any authenticated client",
     )
     parser.add_argument(
         "--token-file",
         default=None,
-        help="file holding the token clients must send (default: $P2V_TOKEN, else a random one on loopback)",
+        help="file holding the token clients must send, readable by you only (default: $P2V_TOKEN, else a "
+        "random one on loopback)",
+    )
+    parser.add_argument(
+        "--new-token",
+        nargs="?",
+        const="-",
+        default=None,
+        metavar="FILE",
+        help="print a new random token (256 bits), or write it to FILE with mode 0600, and exit",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        default=None,
+        help="serve TLS with this certificate (PEM; the chain, and the key unless --tls-key); clients "
+        "then need --tls-ca",
+    )
+    parser.add_argument("--tls-key", metavar="FILE", default=None, help="the private key of --tls-cert (PEM)")
+    parser.add_argument(
+        "--models-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="a folder clients may load model and captioner folders from (repeatable); without it a "
+        "loopback runtime loads any folder, a remote-facing one none",
+    )
+    parser.add_argument(
+        "--cache-root",
+        metavar="DIR",
+        default=None,
+        help="the folder a client's --cache-dir must be inside (default: any folder on loopback; the user "
+        "cache folder with --allow-remote)",
+    )
+    parser.add_argument(
+        "--allow-downloads",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="fetch hub models that are not in the Hugging Face cache (default: on for loopback, off with "
+        "--allow-remote)",
     )
     parser.add_argument(
         "--spool-dir", default=None, help="folder for job folders of spooled frames (default: the temp folder)"
@@ -65,7 +127,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_READ_TIMEOUT,
         metavar="S",
-        help="close a connection that stalls mid-message or sends no hello for S seconds",
+        help="close a connection that makes no progress mid-message, or takes no result data, for S seconds",
+    )
+    parser.add_argument(
+        "--hello-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help=f"a new connection must finish its hello (and TLS handshake) within S seconds (default "
+        f"{DEFAULT_HELLO_TIMEOUT:g}, at most --read-timeout)",
     )
     parser.add_argument(
         "--frame-timeout",
@@ -75,6 +145,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="cancel a job whose client sends no frame for S seconds mid-upload",
     )
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, help=argparse.SUPPRESS)
+    parser.add_argument("--auth-backoff", type=float, default=DEFAULT_AUTH_BACKOFF, help=argparse.SUPPRESS)
     parser.add_argument("--job-runner", choices=JOB_RUNNERS, default="edit", help=argparse.SUPPRESS)
 
 
@@ -83,18 +155,85 @@ def _read_token(args) -> tuple[str | None, str | None]:
     path = getattr(args, "token_file", None)
     if path:
         try:
-            with open(path, encoding="utf-8") as handle:
-                token = handle.read().strip()
+            with open(path, "rb") as handle:
+                mode = os.fstat(handle.fileno()).st_mode
+                data = handle.read()
         except OSError as exc:
             return None, f"cannot read --token-file {path}: {exc.strerror or exc}"
+        if os.name != "nt" and mode & 0o066:
+            return None, (
+                f"--token-file {path} can be read or changed by other users (mode {mode & 0o777:04o}): chmod 600 {path}"
+            )
+        try:
+            token = data.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            return None, f"--token-file {path} is not UTF-8 text: write the token as plain text (see --new-token)"
         if not token:
             return None, f"--token-file {path} is empty"
         return token, None
-    return os.environ.get("P2V_TOKEN", "").strip() or None, None
+    token = os.environ.get("P2V_TOKEN", "").strip()
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        return None, "P2V_TOKEN is not UTF-8 text: set it to plain text (see --new-token)"
+    return token or None, None
+
+
+def remote_token_problem(token: str) -> str | None:
+    """Why ``token`` is too weak for a server other machines can reach; None when it will do."""
+    if len(token) < MIN_REMOTE_TOKEN_CHARS:
+        return (
+            f"it has {len(token)} characters; a runtime other machines can reach needs at least "
+            f"{MIN_REMOTE_TOKEN_CHARS} (128 bits as url-safe base64)"
+        )
+    if len(set(token)) < MIN_REMOTE_TOKEN_DISTINCT:
+        return "it repeats a few characters; use a random one"
+    return None
+
+
+def new_token_main(destination: str) -> int:
+    """``p2v serve --new-token [FILE]``: a random token on stdout, or in a new file only this user can read."""
+    token = secrets.token_urlsafe(32)
+    if destination == "-":
+        print(token)
+        return 0
+    try:
+        fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"p2v serve: {destination} already exists; remove it or choose another file", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"p2v serve: cannot write {destination}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(token + "\n")
+    print(
+        f"p2v serve: wrote a new token to {destination} (readable by you only); start with --token-file {destination}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _tls_context(args) -> tuple[ssl.SSLContext | None, str | None]:
+    if not args.tls_cert:
+        return None, ("--tls-key needs --tls-cert" if args.tls_key else None)
+    try:
+        return P.tls_server_context(args.tls_cert, args.tls_key), None
+    except FileNotFoundError as exc:
+        return None, f"cannot read the TLS certificate or key: {exc.filename or exc}: {exc.strerror}"
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        return None, f"cannot use --tls-cert {args.tls_cert} and --tls-key {args.tls_key}: {exc}"
+
+
+def _fail(message: str) -> int:
+    print(f"p2v serve: {message}", file=sys.stderr)
+    return 2
 
 
 def serve_main(args: argparse.Namespace) -> int:
     """``p2v serve``: print the ready line on stdout, log to stderr, serve until stopped."""
+    if getattr(args, "new_token", None) is not None:
+        return new_token_main(args.new_token)
     if not logging.getLogger().handlers and not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("p2v serve: %(message)s"))
@@ -103,33 +242,51 @@ def serve_main(args: argparse.Namespace) -> int:
         log.propagate = False
     token, problem = _read_token(args)
     if problem:
-        print(f"p2v serve: {problem}", file=sys.stderr)
-        return 2
-    if not is_loopback(args.host):
+        return _fail(problem)
+    if args.unix is not None:
+        if not unix_sockets_available():
+            return _fail("--unix needs Unix sockets, which this system does not have: use --host and --port")
+        if args.allow_remote or args.host != "127.0.0.1" or args.port != 0:
+            return _fail("--unix serves this machine's user only: drop --host, --port and --allow-remote")
+        if args.tls_cert or args.tls_key:
+            return _fail("--unix is local and needs no TLS: drop --tls-cert and --tls-key")
+    remote = args.unix is None and not is_loopback(args.host)
+    if remote:
         if not args.allow_remote:
-            print(
-                f"p2v serve: refusing to listen on {args.host!r}, which is not a loopback address: "
-                "pass --allow-remote and set P2V_TOKEN or --token-file",
-                file=sys.stderr,
+            return _fail(
+                f"refusing to listen on {args.host!r}, which is not a loopback address: "
+                "pass --allow-remote and set P2V_TOKEN or --token-file"
             )
-            return 2
         if token is None:
-            print(
-                f"p2v serve: refusing to listen on {args.host!r} without a token: set P2V_TOKEN or --token-file",
-                file=sys.stderr,
+            return _fail(f"refusing to listen on {args.host!r} without a token: set P2V_TOKEN or --token-file")
+        weak = remote_token_problem(token)
+        if weak:
+            return _fail(
+                f"the token is too weak for a runtime other machines can reach: {weak}; "
+                "`p2v serve --new-token FILE` makes one"
             )
-            return 2
     generated = token is None
     if generated:
         token = secrets.token_urlsafe(32)
     for name, value in (
         ("--read-timeout", args.read_timeout),
+        ("--hello-timeout", args.hello_timeout),
         ("--frame-timeout", args.frame_timeout),
         ("--idle-timeout", args.idle_timeout),
     ):
         if value is not None and not (math.isfinite(value) and value > 0):
-            print(f"p2v serve: {name} must be a positive number of seconds, got {value}", file=sys.stderr)
-            return 2
+            return _fail(f"{name} must be a positive number of seconds, got {value}")
+    tls, problem = _tls_context(args)
+    if problem:
+        return _fail(problem)
+    for folder in args.models_dir:
+        if not os.path.isdir(folder):
+            return _fail(f"--models-dir {folder} is not a folder")
+    paths = PathRules.for_server(
+        remote=remote, models_dirs=args.models_dir, cache_root=args.cache_root, allow_downloads=args.allow_downloads
+    )
+    if not paths.allow_downloads:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in this process reaches the hub, whatever asks
     server = Server(
         args.host,
         args.port,
@@ -137,20 +294,32 @@ def serve_main(args: argparse.Namespace) -> int:
         job_runner=runner_named(args.job_runner),
         allow_remote=args.allow_remote,
         read_timeout=args.read_timeout,
+        hello_timeout=args.hello_timeout,
         frame_timeout=args.frame_timeout,
         idle_timeout=args.idle_timeout,
         spool_dir=args.spool_dir,
         max_connections=max(1, args.max_connections),
+        max_waiting=max(1, args.max_waiting),
+        auth_backoff=max(0.0, args.auth_backoff),
+        tls=tls,
+        unix_path=args.unix,
+        paths=paths,
     )
     try:
         host, port = server.bind()
     except (OSError, P2VError) as exc:
-        print(f"p2v serve: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
+        where = args.unix if args.unix is not None else f"{args.host}:{args.port}"
+        return _fail_bind(where, exc)
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: server.stop())
-    ready = {"event": "ready", "host": host, "port": port, "pid": os.getpid(), "protocol": P.PROTOCOL_VERSION}
+    if args.unix is not None:
+        ready = {"event": "ready", "unix": host, "address": UNIX_PREFIX + host}
+    else:
+        ready = {"event": "ready", "host": host, "port": port, "address": server.where}
+    ready.update(pid=os.getpid(), protocol=P.PROTOCOL_VERSION)
+    if tls is not None:
+        ready["tls"] = True
     if generated:
         ready["token"] = token  # only reachable on loopback: remote binds refuse to start without one
     sys.stdout.write(json.dumps(ready) + "\n")
@@ -158,6 +327,11 @@ def serve_main(args: argparse.Namespace) -> int:
     server.serve_forever()
     log.info("stopped")
     return 0
+
+
+def _fail_bind(where: str, exc: Exception) -> int:
+    print(f"p2v serve: cannot listen on {where}: {exc}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

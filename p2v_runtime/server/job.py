@@ -7,6 +7,7 @@ free, so a client that hears it may submit its next job at once.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
@@ -25,6 +26,8 @@ from .spool import Spool, SpooledFrames
 log = logging.getLogger("p2v.serve")
 
 CANCEL_WAIT = 60.0  # longest wait for a job to notice its cancel flag on disconnect or shutdown
+# Writing the spool failed because the disk (or a quota, or a file size limit) is full.
+DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # ``runner(frames, settings, *, depth, progress, cancel, stats, warn)`` yields ``(index, image)``
 # like ``edit_clip``; ``stats`` is the job's :class:`EditStats` for it to fill.
@@ -113,6 +116,7 @@ class Job:
         self.started = time.monotonic()
         self.bytes_in_start = conn.bytes_in
         self.bytes_out_start = conn.writer.bytes_out
+        self.abort_message: dict | None = None  # the last message when the server stops the job itself
         self._finish_lock = threading.Lock()
 
     # upload side (the connection's reader thread)
@@ -126,11 +130,31 @@ class Job:
         return "frame", frames
 
     def store(self, kind: str, data: memoryview) -> None:
+        """Spool one frame (or depth); a full disk ends the job with ``disk_full`` (the upload is then dropped)."""
+        full = None
         with self.cond:
-            if not self.finished.is_set():
-                self.spools[kind].append(data)
+            if not self.finished.is_set() and self.abort_message is None:
+                try:
+                    self.spools[kind].append(data)
+                except OSError as exc:
+                    if exc.errno not in DISK_FULL_ERRNOS:
+                        raise
+                    full = exc
             self.received[kind] += 1
             self.cond.notify_all()
+        if full is not None:
+            root = os.path.dirname(self.folder)
+            at = self.received[kind] - 1
+            log.warning("job %s: the spool folder %s is full at %s %d: %s", self.id, root, kind, at, full)
+            self.abort(
+                P.error_header(
+                    P.E_DISK,
+                    f"the runtime's spool folder ran out of space at {kind} {at} of "
+                    f"{self.count} ({full.strerror or full}): free space there, or start the runtime with "
+                    "--spool-dir on a larger disk",
+                    False,
+                )
+            )
 
     def upload_complete(self) -> bool:
         return self.next_expected() is None
@@ -154,7 +178,13 @@ class Job:
         with self.cond:
             self.cond.notify_all()
         if self.thread is None:
-            self.finish({"type": "cancelled", "frames_done": self.results_sent})
+            self.finish(self.abort_message or {"type": "cancelled", "frames_done": self.results_sent})
+
+    def abort(self, final: dict) -> None:
+        """Stop the job for a reason of the server's own; ``final`` is its last message instead of cancelled."""
+        if self.abort_message is None:
+            self.abort_message = final
+        self.request_cancel()
 
     def wait(self, timeout: float) -> bool:
         return self.ended.wait(timeout)
@@ -210,9 +240,9 @@ class Job:
                 self.results_sent += 1
             final = {"type": "done", "frames": self.results_sent, "stats": self._stats(stats)}
         except EditCancelled:
-            final = {"type": "cancelled", "frames_done": self.results_sent}
+            final = self.abort_message or {"type": "cancelled", "frames_done": self.results_sent}
         except USER_ERRORS as exc:
-            final = P.error_header(_error_code(exc), str(exc), False)
+            final = P.error_header(_error_code(exc), self._user_message(exc), False)
         except ImportError as exc:
             log.exception("job %s: the editor could not be imported", self.id)
             final = P.error_header(P.E_INTERNAL, f"the runtime's editor is not available: {exc}", False)
@@ -220,7 +250,8 @@ class Job:
             final = P.error_header(P.E_INTERNAL, "the runtime ran out of memory", False)
         except Exception as exc:  # never let a job take the server down
             log.exception("job %s failed", self.id)
-            final = P.error_header(P.E_INTERNAL, f"internal error in the runtime: {type(exc).__name__}: {exc}", False)
+            detail = f": {exc}" if self.conn.local else " (details are in the runtime's log)"
+            final = P.error_header(P.E_INTERNAL, f"internal error in the runtime: {type(exc).__name__}{detail}", False)
         finally:
             if iterator is not None and hasattr(iterator, "close"):
                 try:
@@ -228,6 +259,16 @@ class Job:
                 except Exception:
                     log.exception("job %s: closing the editor failed", self.id)
             self.finish(final)
+
+    def _user_message(self, exc: Exception) -> str:
+        """What the client reads. A library's own text (which may quote a file it read) stays in the
+        log for a client on another machine: it reads the error's ``public`` one-liner instead."""
+        message = str(exc)
+        public = getattr(exc, "public", None)
+        if public and not self.conn.local:
+            log.warning("job %s: %s", self.id, message)
+            return public
+        return message
 
     def _stats(self, stats: EditStats) -> dict:
         """The runner's stats with what only the server knows: results sent, bytes, wall time."""

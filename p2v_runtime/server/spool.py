@@ -2,14 +2,104 @@
 
 Spooling to one file per kind (frames, depth) keeps a long clip's upload out of memory, and lets
 the runner read frame i as soon as it has arrived while later frames are still coming in.
+
+Each job folder (``p2v-job-*`` in the spool root) names its server in an ``owner`` file (process id
+and host name). A server removes its job folders itself, however a job ends; the folders of a
+server that was killed (``kill -9``, a crash, a power cut) are removed by the next server that
+starts on the same spool root, once their owner is gone. A folder of a live server, of another
+host, or without an owner file is never touched.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import socket
+import sys
 import threading
 
 from .. import protocol as P
 from ..errors import InputError
+
+log = logging.getLogger("p2v.serve")
+
+JOB_PREFIX = "p2v-job-"
+OWNER_FILE = "owner"
+
+
+def write_owner(folder: str) -> None:
+    """Record this process as the owner of a job folder (for :func:`sweep_dead_spools`)."""
+    with open(os.path.join(folder, OWNER_FILE), "w", encoding="utf-8") as handle:
+        handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+
+
+def sweep_dead_spools(root: str) -> tuple[int, int]:
+    """Remove the job folders in ``root`` whose owner process is gone; return (folders, bytes) removed."""
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(JOB_PREFIX)]
+    except OSError:
+        return 0, 0
+    host = socket.gethostname()
+    removed = size = 0
+    for name in names:
+        folder = os.path.join(root, name)
+        try:
+            with open(os.path.join(folder, OWNER_FILE), encoding="utf-8") as handle:
+                pid_text, _, owner_host = handle.read().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            continue  # being created, an older runtime's, or not ours: leave it
+        if owner_host != host or pid == os.getpid() or pid_alive(pid):
+            continue
+        folder_bytes = _tree_bytes(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        if not os.path.exists(folder):
+            removed += 1
+            size += folder_bytes
+    return removed, size
+
+
+def _tree_bytes(folder: str) -> int:
+    total = 0
+    for base, _, files in os.walk(folder):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(base, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (of any user). Unsure counts as alive: its folder stays."""
+    if pid <= 0:
+        return True
+    if sys.platform == "win32":
+        return _windows_pid_alive(pid)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
+
+
+def _windows_pid_alive(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 class Spool:

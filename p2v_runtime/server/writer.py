@@ -1,17 +1,22 @@
 """A connection's outgoing messages, sent in order from their own thread.
 
 The reader never waits on a client that is slow to take results: it queues and goes back to
-reading. Only the job waits, when ``RESULTS_QUEUED`` results are already queued.
+reading. Only the job waits, when ``RESULTS_QUEUED`` results are already queued. A client that
+reads slowly is served at its pace; one that takes nothing for the read timeout is dropped, and
+the log says so (no error message can reach a client that does not read).
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import socket
 import threading
 from collections.abc import Callable
 
 from .. import protocol as P
+
+log = logging.getLogger("p2v.serve")
 
 RESULTS_QUEUED = 2  # result frames waiting in a connection's writer before the job waits
 
@@ -23,9 +28,10 @@ class Writer:
     ``RESULTS_QUEUED`` result frames wait, so memory does not grow when a client reads slowly.
     """
 
-    def __init__(self, sock: socket.socket, on_broken: Callable[[], None]):
+    def __init__(self, sock: socket.socket, on_broken: Callable[[], None], peer: str = "client"):
         self._sock = sock
         self._on_broken = on_broken
+        self._peer = peer
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
         self._results_queued = 0
@@ -34,6 +40,10 @@ class Writer:
         self.bytes_out = 0
         self._thread = threading.Thread(target=self._run, name="p2v-writer", daemon=True)
         self._thread.start()
+
+    def use(self, sock) -> None:
+        """Send through ``sock`` from now on (the connection's TLS socket, before anything is sent)."""
+        self._sock = sock
 
     def send(self, header: dict, payload=None) -> bool:
         head = P.encode_head(header, 0 if payload is None else len(payload))
@@ -76,13 +86,21 @@ class Writer:
                 head, payload, _, is_result = self._items.popleft()
             try:
                 if payload is None:
-                    self._sock.sendall(head)
+                    P.send_all(self._sock, head)
                 elif len(payload) <= 65536:
-                    self._sock.sendall(head + bytes(payload))
+                    P.send_all(self._sock, head + bytes(payload))
                 else:
-                    self._sock.sendall(head)
+                    P.send_all(self._sock, head)
                     P.send_all(self._sock, payload)
-            except OSError:
+            except OSError as exc:
+                if isinstance(exc, TimeoutError):
+                    log.warning(
+                        "%s: stopped reading: nothing could be sent for %g s; dropping the connection",
+                        self._peer,
+                        self._sock.gettimeout() or 0,
+                    )
+                elif not self._closed:
+                    log.info("%s: sending failed: %s", self._peer, exc)
                 with self._cond:
                     self.broken = True
                     self._items.clear()
