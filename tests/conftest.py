@@ -166,6 +166,17 @@ def write_png_clip(folder: Path, frames: list[np.ndarray]) -> Path:
     return folder
 
 
+def pytest_sessionstart(session):
+    """The add-on's vendored copies (settings, protocol, client) are refreshed before any test
+    imports the add-on: a fresh clone has none, and a stale copy imported first would stay."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_addon", REPO / "scripts" / "build_addon.py")
+    build_addon = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_addon)
+    build_addon.vendor()
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that runs a model (it asks for the tiny or replica models) or Blender is ``slow``, so
     ``scripts/test.sh -m "not slow"`` is the fast loop."""
