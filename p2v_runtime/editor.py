@@ -26,7 +26,7 @@ from .attention import FeatureBank, injection_installed, self_attention_layers
 from .caption import caption_frame
 from .errors import EditCancelled, GpuOutOfMemory, InputError
 from .frames import resize_rgb, working_size
-from .guidance import apply_update, autograd_gradient, x0_gradient
+from .guidance import apply_update, autograd_gradient, size_scaled_delta, x0_gradient
 from .inversion import InversionCache, ddim_schedulers, default_cache_dir, encode_latent, inversion_key, invert
 from .models import DepthPipeline, dtype_name, load_captioner, load_depth_pipeline
 from .protocol import EditStats, Frames
@@ -311,6 +311,7 @@ class _ClipEditor:
         last_update = settings.last_update_step()
         keep_x0 = settings.update != "off"  # the next frame's update needs this frame's predictions
         guided_update = keep_x0 and index > 0 and previous_x0 is not None
+        delta = size_scaled_delta(settings.update_delta, start.numel())  # the paper's pull at any size
         depth_pair = torch.cat([model_depth] * 2)
         x0_trajectory = []
         sample = start
@@ -334,7 +335,7 @@ class _ClipEditor:
                     if update_now:
                         gradient = x0_gradient(x0_hat, previous_x0[step])
                 if update_now:
-                    prev_sample = apply_update(prev_sample, gradient, settings.update_delta)
+                    prev_sample = apply_update(prev_sample, gradient, delta)
                 if keep_x0 and step <= last_update:
                     x0_trajectory.append(x0_hat)
                 sample = prev_sample

@@ -145,7 +145,7 @@ class EditSettings:
         100.0,
         Spec(
             "Update strength",
-            "step size of the guided update (the paper's delta, tuned at 512x512)",
+            "step size of the guided update: the paper's delta, the same pull at every working size",
             low=0.0,
             high=1e7,
             soft_high=1000.0,

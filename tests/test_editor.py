@@ -272,8 +272,7 @@ def test_cached_inversion_gives_the_same_edit(tiny_settings):
 
 def test_guided_update_pulls_towards_previous_frame_and_modes_agree(tiny_settings):
     frames = synthetic_frames(2)
-    # delta sized for 64x64 (N = 256 latent values; the paper's 100 is tuned for N = 16384).
-    common = dict(injection="none", steps=10, update_delta=10.0)
+    common = dict(injection="none", steps=10)  # the paper's delta: the same pull at every working size
     off, _ = run_edit(frames, tiny_settings(update="off", **common))
     x0, _ = run_edit(frames, tiny_settings(update="x0", **common))
     autograd, _ = run_edit(frames, tiny_settings(update="autograd", **common))
@@ -373,6 +372,66 @@ def test_update_is_limited_to_the_early_steps(monkeypatch, tiny_settings, update
 def test_update_off_runs_no_update(monkeypatch, tiny_settings):
     _, recorder = guided_update_calls(monkeypatch, tiny_settings, synthetic_frames(3), update="off")
     assert recorder.calls == {"apply_update": [], "x0_gradient": [], "autograd_gradient": []}
+
+
+class UpdateMoves:
+    """The x0 difference each guided update sees and how far it moves the sample, per call."""
+
+    def __init__(self, monkeypatch):
+        from p2v_runtime import editor
+
+        self.differences, self.moves, self.deltas = [], [], []
+        x0_gradient, apply_update = editor.x0_gradient, editor.apply_update
+
+        def gradient_seen(x0_hat, x0_previous):
+            self.differences.append((x0_hat.float() - x0_previous.float()).numpy().astype(np.float64))
+            return x0_gradient(x0_hat, x0_previous)
+
+        def update_seen(sample, gradient, delta):
+            updated = apply_update(sample, gradient, delta)
+            self.moves.append((sample.float() - updated.float()).numpy().astype(np.float64))
+            self.deltas.append(delta)
+            return updated
+
+        monkeypatch.setattr(editor, "x0_gradient", gradient_seen)
+        monkeypatch.setattr(editor, "apply_update", update_seen)
+
+
+@pytest.mark.parametrize(
+    "width, height, size, working",
+    [(64, 64, 64, (64, 64)), (64, 64, 256, (256, 256)), (64, 64, 512, (512, 512)), (160, 90, 512, (512, 320))],
+)
+def test_the_update_pulls_by_the_papers_fraction_at_every_working_size(
+    tiny_settings, monkeypatch, width, height, size, working
+):
+    """--update-delta is the paper's pull at any working size and aspect: each step moves every
+    latent value by 2 delta / 16384 of its x0 difference (what delta does at 512x512, N = 16384),
+    not 2 delta / N; at 512x512 the step size is delta itself, bit for bit."""
+    moves = UpdateMoves(monkeypatch)
+    settings = tiny_settings(injection="none", steps=2, size=size, update_delta=100.0)
+    _, stats = run_edit(synthetic_frames(2, width=width, height=height), settings)
+    assert stats.working_size == working
+    expected = 2 * 100.0 / 16384
+    assert len(moves.moves) == settings.last_update_step() + 1
+    for difference, move in zip(moves.differences, moves.moves):
+        assert np.abs(difference).max() > 0
+        assert np.allclose(move, expected * difference, rtol=1e-3, atol=1e-6), np.abs(
+            move - expected * difference
+        ).max()
+    latent_values = 4 * (working[0] // 8) * (working[1] // 8)
+    assert moves.deltas == [100.0 * latent_values / 16384] * len(moves.moves)
+    if working == (512, 512):
+        assert moves.deltas[0] == 100.0
+
+
+def test_the_size_scale_is_exactly_one_at_the_papers_size():
+    from p2v_runtime.guidance import PAPER_LATENT_VALUES, size_scaled_delta
+
+    assert PAPER_LATENT_VALUES == 4 * 64 * 64
+    for delta in (100.0, 0.1, 37.3, 1e-7, 12345.678):
+        assert size_scaled_delta(delta, PAPER_LATENT_VALUES) == delta
+    assert size_scaled_delta(100.0, 4 * 40 * 64) == 62.5  # 512x320: 16:9 at --size 512
+    assert size_scaled_delta(100.0, 4 * 96 * 96) == 225.0  # 768x768
 
 
 # -- cost model, cancel, order, determinism ----------------------------------------------------
