@@ -110,8 +110,9 @@ def bench_main(args: argparse.Namespace) -> int:
         "plain_unet_calls_per_frame": plain_calls,
         "first_edit_unet_calls_per_frame": first.unet_calls / count,
         "reedit_unet_calls_per_frame": again.unet_calls / count,
+        "feature_store": first.feature_store,
         "feature_cache_bytes_peak": first.feature_cache_bytes,
-        "feature_cache_bytes_per_frame": first.feature_cache_bytes / 3,  # anchor + previous + current
+        "feature_cache_bytes_per_frame": _feature_bytes_per_frame(pipeline, settings, size),
         "peak_rss_bytes": first.peak_rss_bytes,
         "peak_gpu_bytes": first.peak_gpu_bytes,
     }
@@ -125,31 +126,48 @@ def bench_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _feature_bytes_per_frame(pipeline, settings: dict, size: tuple[int, int]) -> int:
+    """One frame's recorded features (every step) at the bench's working size, from the layout."""
+    import torch
+
+    from .attention import feature_bytes_per_step, self_attention_layers
+
+    scale = pipeline.pipe.vae_scale_factor
+    layers = self_attention_layers(pipeline.unet, "decoder")
+    element = torch.empty((), dtype=pipeline.dtype).element_size()
+    latent_hw = (size[1] // scale, size[0] // scale)
+    return feature_bytes_per_step(pipeline.unet, layers, latent_hw, element) * settings["steps"]
+
+
 def full_size_feature_bytes(steps: int = 50, height: int = 512, width: int = 512) -> dict:
     """Feature-cache bytes per frame of SD 2 depth at 512x512, fp16, decoder layers, both branches.
 
     Records one real denoising step of the full-size UNet (random weights) through the project's
     own processors, then scales by the step count and from fp32 to fp16 (2 bytes a value); the
-    bytes are exactly linear in both.
+    bytes are exactly linear in both. The layout formula (``feature_bytes_per_step``) must agree.
     """
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .attention import FeatureBank, injection_installed, self_attention_layers
+    from .attention import FeatureBank, feature_bytes_per_step, injection_installed, self_attention_layers
+    from .plan import plan_edit
     from .replica_models import reference_config
 
     config = reference_config("sd2-depth/unet/config.json")  # the published UNet
     unet = UNet2DConditionModel.from_config(config).eval()
-    bank = FeatureBank("anchor+previous")
     latent = torch.randn(2, 5, height // 8, width // 8)
     text = torch.randn(2, 77, config["cross_attention_dim"])
+    plan = plan_edit(2, 0, "anchor")  # the anchor records: frame 1 reads it
     result = {}
     for layers in ("decoder", "all"):
-        bank.__init__("anchor+previous")
-        bank.begin_frame(0)
-        with torch.no_grad(), injection_installed(unet, self_attention_layers(unet, layers), bank):
+        chosen = self_attention_layers(unet, layers)
+        bank = FeatureBank(plan)
+        bank.begin_turn(plan.turns[0])
+        with torch.no_grad(), injection_installed(unet, chosen, bank):
             unet(latent, 10, encoder_hidden_states=text)
         fp16_bytes_per_step = bank.peak_bytes // 2
+        if fp16_bytes_per_step != feature_bytes_per_step(unet, chosen, (height // 8, width // 8), 2):
+            raise RuntimeError("the feature-size formula disagrees with a recorded step")
         result[f"sd2_512_fp16_feature_bytes_per_frame_{layers}"] = fp16_bytes_per_step * steps
     return result
 
