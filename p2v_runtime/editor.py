@@ -13,6 +13,7 @@ paper's settings), whatever the clip length.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import time
@@ -84,7 +85,7 @@ class ClipContext:
     inversion_cache: InversionCache
     depth_range: tuple[float, float] | None  # the clip's inverse-depth range; None: each frame's own
     source_prompt: str  # inversion's condition, part of its cache key
-    source_embedding: torch.Tensor  # conditional only: inversion runs at guidance 1
+    source_embedding: Callable[[], torch.Tensor]  # conditional only (guidance 1); made on the first inversion
     edit_embedding: torch.Tensor  # [unconditional, conditional], for classifier-free guidance
     scheduler: DDIMScheduler
     inverse_scheduler: DDIMInverseScheduler
@@ -196,7 +197,8 @@ class _ClipEditor:
         anchor_rgb = self._work_frame(plan.anchor, work_size)
         source_prompt = self._source_prompt(anchor_rgb)
         stats.source_prompt = source_prompt
-        source_embedding = self._embed(pipeline, source_prompt, guided=False)
+        # A re-edit whose inversions are all cached never needs it: encoded on first use.
+        source_embedding = functools.cache(lambda: self._embed(pipeline, source_prompt, guided=False))
         edit_embedding = self._embed(pipeline, settings.prompt, guided=True)
         scheduler, inverse_scheduler = ddim_schedulers(pipeline, settings.steps)
         layers = tuple(self_attention_layers(pipeline.unet, settings.layers))
@@ -354,7 +356,7 @@ class _ClipEditor:
 
         with self._counting(pipeline.unet, "unet_calls_inversion"):
             latent = encode_latent(pipeline, rgb)
-            start = invert(pipeline, latent, model_depth, clip.source_embedding, clip.inverse_scheduler, before_step)
+            start = invert(pipeline, latent, model_depth, clip.source_embedding(), clip.inverse_scheduler, before_step)
         self.report("inversion", (position + 1) * steps, self.edited * steps)
         clip.inversion_cache.store(key, start.cpu().numpy())
         return start

@@ -311,10 +311,21 @@ def test_inversion_then_sampling_with_source_prompt_reconstructs_the_latent(tiny
 
 
 def test_reedit_with_another_prompt_inverts_nothing(tiny_settings):
+    from p2v_runtime.models import load_depth_pipeline
+
     frames = synthetic_frames(3)
     steps = 3
-    _, first = run_edit(frames, tiny_settings(steps=steps))
-    _, again = run_edit(frames, tiny_settings(steps=steps, prompt="a wooden toy car"))
+    text_calls = []
+    pipeline, _ = load_depth_pipeline(tiny_settings().model, "cpu", "auto")
+    handle = pipeline.pipe.text_encoder.register_forward_pre_hook(lambda module, args: text_calls.append(1))
+    try:
+        _, first = run_edit(frames, tiny_settings(steps=steps))
+        first_text_calls = len(text_calls)
+        _, again = run_edit(frames, tiny_settings(steps=steps, prompt="a wooden toy car"))
+    finally:
+        handle.remove()
+    # The source prompt is encoded only for an inversion: a re-edit encodes the edit prompt alone.
+    assert len(text_calls) - first_text_calls == first_text_calls - 1
     assert first.unet_calls_inversion == steps * len(frames)
     assert first.unet_calls_edit == steps * len(frames)
     assert first.unet_calls == 2 * steps * len(frames)
