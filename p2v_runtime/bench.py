@@ -240,7 +240,8 @@ class PartClock:
         return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
 
     def _time_function(self, owner, name: str, part: str):
-        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        raw = vars(owner).get(name)  # None when a class inherits it: then only the wrapper goes
+        original = getattr(owner, name)
 
         def timed(*args, **kwargs):
             self._sync()
@@ -252,7 +253,9 @@ class PartClock:
                 self._add(part, time.perf_counter() - started)
 
         setattr(owner, name, timed)
-        return lambda: setattr(owner, name, original)
+        if raw is not None:
+            return lambda: setattr(owner, name, raw)
+        return lambda: delattr(owner, name)
 
     @contextlib.contextmanager
     def run(self, name: str):

@@ -488,6 +488,8 @@ class _ClipEditor:
     def _out_of_memory_message(self) -> str:
         s = self.settings
         hints = [f"lower --size (now {s.size})"]
+        if self.stats.feature_store == "gpu" and s.injection != "none":
+            hints.append("use --feature-store cpu (recorded features in host memory)")
         if s.update == "autograd":
             hints.append("use --update x0 (no backward pass)")
         if s.layers == "all":

@@ -304,6 +304,7 @@ def test_out_of_gpu_memory_names_the_setting_to_lower(clip, edit_args, tmp_path,
         handle.remove()
     assert code != 0
     assert "out of GPU memory" in err and "--size" in err
+    assert "--feature-store cpu" in err  # the features were on the device
     assert len(err.strip().splitlines()) == 1
 
 
