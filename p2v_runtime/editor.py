@@ -228,7 +228,7 @@ class _ClipEditor:
         needed = peak_steps * per_step
         if self.settings.injection == "anchor+random" and peak_steps > 3 * self.settings.steps:
             self.warn(
-                f"injection anchor+random keeps up to {peak_steps / self.settings.steps:.0f} frames' features at "
+                f"injection anchor+random keeps up to {peak_steps / self.settings.steps:.1f} frames' features at "
                 f"once here ({needed / 2**30:.2f} GiB): a frame drawn as a random earlier frame waits for its "
                 "last reader (anchor+previous keeps two)"
             )
