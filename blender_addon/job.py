@@ -75,7 +75,7 @@ class EditJob:
         preview: bool = False,
     ):
         self.scene = scene
-        self.preview = preview  # edit the anchor only (the first frame of the range)
+        self.preview = preview  # edit the anchor only (the settings' anchor frame of the range)
         self.strip = strip
         self.settings = settings
         self.runtime = runtime
@@ -187,6 +187,7 @@ class EditJob:
             self.settings.validate()  # the runtime's own rules and messages (the vendored schema)
         except SettingsError as exc:
             raise P2VAddonError(str(exc)) from None
+        self._check_anchor()
         frames = strip_frames.StripFrames(
             self.scene, self.strip, self.settings.depth, self.settings.zpass_render, self._frames_to_send()
         )
@@ -206,7 +207,7 @@ class EditJob:
         self.output = output_strip.OutputStrip(
             self.scene,
             self.strip,
-            frames.first_frame,
+            frames.first_frame + self._preview_offset(frames.count),
             self.edited_total,
             self.output_dir,
             look=frames.look,
@@ -227,13 +228,47 @@ class EditJob:
         frames.open()
         self.frames = frames
 
+    def _check_anchor(self) -> None:
+        """An anchor past the range is refused before anything renders (a range past the strip is
+        StripFrames' to refuse, with the strip's name)."""
+        try:
+            chosen = schema.frame_range(self.settings.frames, self.strip.frame_final_duration)
+        except SettingsError:
+            return
+        try:
+            self.settings.anchor_index(len(chosen))
+        except SettingsError as exc:
+            raise P2VAddonError(f"{exc} (strip '{self.strip.name}')") from None
+
+    def _narrowed_preview(self) -> bool:
+        """A preview with per-frame depth renders and sends its anchor alone (clip normalisation
+        needs every frame's depth for the range, so then all are sent)."""
+        return self.preview and self.settings.depth_norm == "frame"
+
     def _frames_to_send(self) -> str:
-        """The range to render: the settings' range; for a preview with per-frame depth, its anchor
-        alone (clip normalisation needs every frame's depth for the range, so all are sent)."""
-        if not (self.preview and self.settings.depth_norm == "frame"):
+        """The range to render: the settings' range; for a narrowed preview, the anchor's frame of it."""
+        if not self._narrowed_preview():
             return self.settings.frames
-        start = schema.parse_frame_range(self.settings.frames)[0]
-        return f"{start}:{start + 1}"
+        try:
+            chosen = schema.frame_range(self.settings.frames, self.strip.frame_final_duration)
+        except SettingsError:
+            return self.settings.frames  # StripFrames refuses it with the strip's name
+        anchor = chosen.start + self.settings.anchor_index(len(chosen))
+        return f"{anchor}:{anchor + 1}"
+
+    def _preview_offset(self, count: int) -> int:
+        """Where the preview's frame sits in the rendered frames: its strip goes at the anchor's
+        frame on the timeline (a narrowed preview rendered the anchor alone)."""
+        if not self.preview or self._narrowed_preview():
+            return 0
+        return self.settings.anchor_index(count)
+
+    def _wire_settings(self) -> dict:
+        """The settings the runtime uses; a narrowed preview's one frame is its own anchor."""
+        wire = self.settings.to_wire()
+        if self._narrowed_preview():
+            wire["anchor"] = "first"
+        return wire
 
     def record(self) -> dict:
         """How the result was made, kept on its strip (custom properties) for Re-edit and people."""
@@ -429,7 +464,7 @@ class EditJob:
             depth = self._next_depth if self.frames.has_depth else None
             # cancel() calls client.cancel() itself, so the wait for results needs no polling.
             for message in client.run_job(
-                self.settings.to_wire(),
+                self._wire_settings(),
                 self._next_frame,
                 width,
                 height,

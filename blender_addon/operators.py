@@ -274,8 +274,8 @@ class SEQUENCER_OT_p2v_edit(_ActiveStrip, bpy.types.Operator):
 
 
 class SEQUENCER_OT_p2v_preview(_ActiveStrip, bpy.types.Operator):
-    """Edit only the anchor (the first frame of the range) to judge a look in seconds; the whole
-    edit then starts from its cached inversion and gives the same first frame"""
+    """Edit only the anchor (Anchor: the first frame of the range by default) to judge a look in
+    seconds; the whole edit then starts from its cached inversion and gives the same frame"""
 
     bl_idname = "sequencer.p2v_preview"
     bl_label = "Preview Frame"

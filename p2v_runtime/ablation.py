@@ -2,7 +2,8 @@
 
 The variants form a ladder from a per-frame edit to the full method, one change a rung, so each
 metric's movement can be read against the change that caused it (docs/algorithm.md, section 5;
-the paper's evaluation table has a "without update" row):
+the paper's evaluation table has a "without update" row, its Figure 5 the random earlier frame;
+``--seed`` picks those frames):
 
 ===================  ===============  =========  ==============================================
 variant              injection        update     what it shows
@@ -10,6 +11,7 @@ variant              injection        update     what it shows
 per-frame            none             off        each frame edited on its own (the baseline)
 anchor-only          anchor           off        attention to the first frame only
 previous-only        previous         off        attention to the previous frame only
+anchor-random        anchor+random    off        the anchor and a random earlier frame (Figure 5)
 no-update            anchor+previous  off        the paper's attention, no guided update
 pix2video            anchor+previous  x0         the full method (official code's update)
 autograd-update      anchor+previous  autograd   the update taken through the UNet instead
@@ -58,6 +60,7 @@ VARIANTS = (
     Variant("per-frame", "none", "off", "each frame edited on its own"),
     Variant("anchor-only", "anchor", "off", "attention to the first frame only"),
     Variant("previous-only", "previous", "off", "attention to the previous frame only"),
+    Variant("anchor-random", "anchor+random", "off", "attention to the anchor and a random earlier frame"),
     Variant("no-update", "anchor+previous", "off", "anchor + previous, no guided update"),
     Variant("pix2video", "anchor+previous", "x0", "the full method (x0 update)"),
     Variant("autograd-update", "anchor+previous", "autograd", "full method, update through the UNet"),

@@ -20,13 +20,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-# Which frames each injection mode attends to; the order is the token order of K/V.
-SOURCES_BY_MODE = {
-    "anchor+previous": ("anchor", "previous"),
-    "anchor": ("anchor",),
-    "previous": ("previous",),
-    "none": (),
-}
+from .plan import EditPlan, Turn
+
+# Where recorded features live (``--feature-store``; "auto" is resolved by the editor).
+STORE_KINDS = ("gpu", "cpu")
 
 
 def self_attention_layers(unet, layer_set: str) -> list[str]:
@@ -41,69 +38,127 @@ def self_attention_layers(unet, layer_set: str) -> list[str]:
     return names
 
 
-class FeatureBank:
-    """The recorded features of the frames still needed: anchor, previous, and the current one.
+def feature_bytes_per_step(unet, layers, latent_hw: tuple[int, int], element_size: int) -> int:
+    """Bytes one frame records at one step: every chosen layer's input, both guidance branches.
 
-    Features are keyed by (step index, layer name). Only the layers that inject are recorded, in
-    the model's dtype, and a frame's features are dropped as soon as no later frame needs them.
+    From the UNet's layout rather than a run, so ``--feature-store auto`` can decide before the
+    first frame: a layer in ``down_blocks.b`` sees the latent at 1/2^b, ``mid_block`` at
+    1/2^(n-1) and ``up_blocks.u`` at 1/2^(n-1-u) (n blocks, each but the last resampling by 2),
+    with the width of the layer's query projection.
+    """
+    blocks = len(unet.config.block_out_channels)
+    height, width = latent_hw
+    total = 0
+    for name in layers:
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            level = int(parts[1])
+        elif parts[0] == "up_blocks":
+            level = blocks - 1 - int(parts[1])
+        else:
+            level = blocks - 1
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        tokens = -(-height // 2**level) * -(-width // 2**level)
+        total += 2 * tokens * module.to_q.in_features * element_size
+    return total
+
+
+class FeatureStore:
+    """The recorded features, keyed by (frame, step, layer), on the compute device or on the host.
+
+    ``gpu``: the tensors as recorded, on the compute device. ``cpu``: copied into host memory as
+    recorded (pinned when CUDA is there, so the copies are asynchronous) and copied back to the
+    device when a later frame reads them, one layer of one step at a time: the device then holds
+    no recorded frame, only the step being read. Both hand the attention the same values, so the
+    edit is the same bit for bit. Counts the bytes it holds and their peak.
     """
 
-    def __init__(self, mode: str):
-        self.sources = SOURCES_BY_MODE[mode]
-        self.anchor: dict | None = None
-        self.previous: dict | None = None
-        self.current: dict = {}
+    def __init__(self, kind: str = "gpu", device="cpu"):
+        if kind not in STORE_KINDS:
+            raise ValueError(f"feature store {kind!r}: expected one of {', '.join(STORE_KINDS)}")
+        self.kind = kind
+        self.device = torch.device(device)
+        self.pin = kind == "cpu" and torch.cuda.is_available()
+        self.tensors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # (frame, step) -> layer -> features
+        self.held_bytes = 0
+        self.peak_bytes = 0
+
+    def put(self, frame: int, step: int, layer: str, features: torch.Tensor) -> None:
+        features = features.detach()
+        if self.kind == "cpu":
+            host = torch.empty(features.shape, dtype=features.dtype, pin_memory=self.pin)
+            host.copy_(features, non_blocking=self.pin)
+            features = host
+        self.tensors.setdefault((frame, step), {})[layer] = features
+        self.held_bytes += features.numel() * features.element_size()
+        self.peak_bytes = max(self.peak_bytes, self.held_bytes)
+
+    def get(self, frame: int, step: int, layer: str) -> torch.Tensor:
+        features = self.tensors[(frame, step)][layer]
+        if self.kind == "cpu":
+            return features.to(self.device, non_blocking=self.pin)
+        return features
+
+    def drop(self, frame: int, step: int) -> None:
+        """Free one frame's features of one step (every layer)."""
+        for features in self.tensors.pop((frame, step), {}).values():
+            self.held_bytes -= features.numel() * features.element_size()
+
+    def device_bytes(self) -> int:
+        """Bytes of recorded features held on the compute device."""
+        return self.held_bytes if self.kind == "gpu" else 0
+
+
+class FeatureBank:
+    """Records and serves the features of one clip's edit, turn by turn, as its plan says.
+
+    A turn records only when a later turn reads it (``Turn.record``); after each step, the step's
+    features of every source frame whose last reader is this turn are freed. With the paper's
+    anchor+previous that keeps the anchor and, while frame i is edited, frame i-1's remaining
+    steps and frame i's recorded ones: about two frames, whatever the clip length.
+    """
+
+    def __init__(self, plan: EditPlan, store: FeatureStore | None = None):
+        self.plan = plan
+        self.store = store or FeatureStore()
+        self.turn: Turn | None = None
         self.step = 0
         self.recording = False
         self.injecting = False
-        self.peak_bytes = 0
-        self._kept_bytes = 0
-        self._current_bytes = 0
 
     @property
-    def needs_recording(self) -> bool:
-        return bool(self.sources)
+    def peak_bytes(self) -> int:
+        return self.store.peak_bytes
 
-    def begin_frame(self, index: int) -> None:
-        """Frame 0 is the anchor: it is generated without injection and recorded for the rest."""
-        self.current = {}
-        self._current_bytes = 0
+    def begin_turn(self, turn: Turn) -> None:
+        self.turn = turn
         self.step = 0
-        self.recording = self.needs_recording and (index == 0 or "previous" in self.sources)
-        self.injecting = index > 0 and bool(self.sources)
+        self.recording = turn.record
+        self.injecting = bool(turn.sources)
 
-    def end_frame(self, index: int) -> None:
-        """Keep the just-recorded features only in the roles a later frame reads them from."""
-        if self.recording:
-            if index == 0 and "anchor" in self.sources:
-                self.anchor = self.current
-            if "previous" in self.sources:
-                self.previous = self.current
-            self._kept_bytes = self.held_bytes()
-        self.current = {}
-        self._current_bytes = 0
+    def end_step(self) -> None:
+        """The step is done: free what no later turn reads at this step."""
+        turn = self.turn
+        for frame in dict.fromkeys(turn.sources):
+            if self.plan.last_reader[frame] == turn.position:
+                self.store.drop(frame, self.step)
+
+    def end_turn(self) -> None:
+        self.turn = None
         self.recording = self.injecting = False
 
     def record(self, layer: str, features) -> None:
-        self.current[(self.step, layer)] = features.detach()
-        self._current_bytes += features.numel() * features.element_size()
-        self.peak_bytes = max(self.peak_bytes, self._kept_bytes + self._current_bytes)
+        self.store.put(self.turn.index, self.step, layer, features)
 
     def injected(self, layer: str):
         """The features to take K/V from for this layer and step, or None for plain attention."""
         if not self.injecting:
             return None
-        parts = [getattr(self, role)[(self.step, layer)] for role in self.sources]
+        parts = [self.store.get(frame, self.step, layer) for frame in self.turn.sources]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def held_bytes(self) -> int:
-        """Bytes held by all three roles; a frame that is anchor and previous counts once."""
-        seen: dict[int, int] = {}
-        for store in (self.anchor, self.previous, self.current):
-            if store:
-                for tensor in store.values():
-                    seen[id(tensor)] = tensor.numel() * tensor.element_size()
-        return sum(seen.values())
+        return self.store.held_bytes
 
 
 class InjectingSelfAttention:

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument(
         "--preview",
         action="store_true",
-        help="edit the anchor (the first frame of --frames) only, to judge a look in seconds: it is what the "
-        "whole edit's first frame will be, and its inversion is cached for it",
+        help="edit the anchor (--anchor: the first frame of --frames by default) only, to judge a look in "
+        "seconds: it is what the whole edit will make of that frame, and its inversion is cached for it",
     )
     edit.add_argument("--quiet", action="store_true", help="no progress bars")
     edit.set_defaults(handler=edit_main)

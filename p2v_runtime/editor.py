@@ -1,16 +1,19 @@
 """The per-clip orchestration of Pix2Video: a generator that yields edited frames in order.
 
 Per clip: depth for every frame (clip-wide normalisation needs them all first), a caption of the
-first frame for the source prompt. Then per frame, in order: DDIM inversion (or a cache hit),
-denoising with the edit prompt, feature injection from the anchor and previous frames and the
-guided update towards the previous frame's prediction, decoding. Each frame is yielded as soon
-as it exists; memory holds only the anchor's and the previous frame's features and predictions,
-whatever the clip length.
+anchor for the source prompt, the edit's plan (``plan.py``: the order from the anchor, what each
+frame reads). Then per frame, in the plan's order: DDIM inversion (or a cache hit), denoising
+with the edit prompt, feature injection from the anchor and the previous (or a random earlier)
+frame and the guided update towards the previous frame's prediction, decoding. Frames are
+yielded in frame order, each as soon as it and every frame before it exist; memory holds only
+the features and predictions a later frame will read (about two frames' features with the
+paper's settings), whatever the clip length.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 import threading
 import time
@@ -22,18 +25,21 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from . import depth as depth_conv
-from .attention import FeatureBank, injection_installed, self_attention_layers
+from .attention import FeatureBank, FeatureStore, feature_bytes_per_step, injection_installed, self_attention_layers
 from .caption import caption_frame
 from .errors import EditCancelled, GpuOutOfMemory, InputError
 from .frames import resize_rgb, working_size
-from .guidance import apply_update, autograd_gradient, x0_gradient
+from .guidance import apply_update, autograd_gradient, size_scaled_delta, x0_gradient
 from .inversion import InversionCache, ddim_schedulers, default_cache_dir, encode_latent, inversion_key, invert
 from .models import DepthPipeline, dtype_name, load_captioner, load_depth_pipeline
+from .plan import EditPlan, Turn, plan_edit
 from .protocol import EditStats, Frames
 from .settings import EditSettings
 
 ProgressCallback = Callable[[str, int, int], None]
 DepthSink = Callable[[int, np.ndarray], None]
+
+CANCEL_POLL = 0.05  # seconds between looks at the cancel flag while a model loads or captions
 
 
 def edit_clip(
@@ -54,13 +60,18 @@ def edit_clip(
     reads a Z pass per frame. ``depth_sink(index, depth)`` receives the depth the model was
     conditioned on, at latent size, scaled to [0, 1] with near = 1 (``p2v edit --save-depth``,
     or sent back by the server). Setting ``cancel`` stops within one denoising step with
-    :class:`EditCancelled`. ``preview`` edits the anchor (frame 0) only: what the whole edit's first
-    frame will be, bit for bit, and its inversion is cached for it (with clip normalisation every
-    frame is still read, for the depth range).
+    :class:`EditCancelled`, also while a model loads or captions. ``preview`` edits the anchor
+    (``settings.anchor``) only and yields it with its index: what the whole edit will make of that
+    frame, bit for bit, and its inversion is cached for it (with clip normalisation every frame is
+    still read, for the depth range).
+
+    Frames are edited from the anchor outwards (``plan.py``); with another anchor than the first
+    frame, frames before it are handed out once the backward pass reaches frame 0, so the output
+    is always in frame order. They wait as latents (64 KiB a frame at 512x512), decoded when due.
     """
     settings.validate()
     editor = _ClipEditor(frames, settings, depth, progress, cancel, stats or EditStats(), depth_sink, warn)
-    editor.edited = 1 if preview else editor.count
+    editor.preview = preview
     yield from editor.run()
 
 
@@ -74,11 +85,13 @@ class ClipContext:
     inversion_cache: InversionCache
     depth_range: tuple[float, float] | None  # the clip's inverse-depth range; None: each frame's own
     source_prompt: str  # inversion's condition, part of its cache key
-    source_embedding: torch.Tensor  # conditional only: inversion runs at guidance 1
+    source_embedding: Callable[[], torch.Tensor]  # conditional only (guidance 1); made on the first inversion
     edit_embedding: torch.Tensor  # [unconditional, conditional], for classifier-free guidance
     scheduler: DDIMScheduler
     inverse_scheduler: DDIMInverseScheduler
     layers: tuple[str, ...]  # the self-attention layers that record and inject
+    plan: EditPlan  # edit order from the anchor, what each frame reads and who reads it last
+    feature_store: str  # "gpu" or "cpu": where the recorded features live ("auto" resolved)
 
 
 class _ClipEditor:
@@ -97,8 +110,9 @@ class _ClipEditor:
         self.stats = stats
         self.depth_sink = depth_sink
         self.warn = warn or (lambda message: print(f"p2v: {message}", file=sys.stderr))
-        self.frames_done = 0
+        self.frames_done = 0  # frames handed out
         self.count = len(frames)
+        self.preview = False
         self.edited = self.count  # frames inverted and edited: 1 for a preview of the anchor
 
     # -- the clip -----------------------------------------------------------------------------
@@ -107,8 +121,9 @@ class _ClipEditor:
         started = time.perf_counter()
         try:
             self._check_inputs()
-            clip, first, clip_depths = self._load()
-            yield from self._edit_frames(clip, first, clip_depths)
+            plan = self._plan()
+            clip, anchor_rgb, clip_depths = self._load(plan)
+            yield from self._edit_frames(clip, anchor_rgb, clip_depths)
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory(self._out_of_memory_message()) from exc
         except RuntimeError as exc:
@@ -130,17 +145,34 @@ class _ClipEditor:
                     f"{self.frames.size[0]}x{self.frames.size[1]}"
                 )
 
-    def _load(self) -> tuple[ClipContext, np.ndarray, list | None]:
+    def _plan(self) -> EditPlan:
+        """The edit's order and sources, drawn before anything loads (a bad anchor is refused first)."""
+        settings = self.settings
+        plan = plan_edit(
+            self.count,
+            settings.anchor_index(self.count),
+            settings.injection,
+            settings.seed,
+            update=settings.update != "off",
+            limit=1 if self.preview else None,
+        )
+        self.edited = len(plan.turns)
+        return plan
+
+    def _load(self, plan: EditPlan) -> tuple[ClipContext, np.ndarray, list | None]:
         """Everything fixed for the clip, in the order the progress shows: model, depth, caption.
 
-        Also returns what was computed on the way and is used once later: the first frame at the
+        Also returns what was computed on the way and is used once later: the anchor at the
         working size (captioned here, edited first) and, with clip normalisation, every frame's
         inverse depth (the range needs them all before the first frame).
         """
         settings, stats = self.settings, self.stats
         self.report("load", 0, 1)
-        pipeline, loaded = load_depth_pipeline(
-            settings.model, settings.device, settings.dtype, progress=self._download_progress, warn=self.warn
+        pipeline, loaded = self._interruptible(
+            lambda: load_depth_pipeline(
+                settings.model, settings.device, settings.dtype, progress=self._download_progress, warn=self.warn
+            ),
+            "model-load",
         )
         if loaded:
             stats.model_load_seconds += pipeline.load_seconds
@@ -161,13 +193,15 @@ class _ClipEditor:
         if settings.depth_norm == "clip":
             clip_depths = self._clip_inverse_depths(pipeline, work_size, latent_hw)
             depth_range = depth_conv.depth_range(clip_depths, "clip")
-        self._check_cancel()  # loading and depth can take long; the caption cannot be interrupted
-        first = self._work_frame(0, work_size)
-        source_prompt = self._source_prompt(first)
+        self._check_cancel()
+        anchor_rgb = self._work_frame(plan.anchor, work_size)
+        source_prompt = self._source_prompt(anchor_rgb)
         stats.source_prompt = source_prompt
-        source_embedding = self._embed(pipeline, source_prompt, guided=False)
+        # A re-edit whose inversions are all cached never needs it: encoded on first use.
+        source_embedding = functools.cache(lambda: self._embed(pipeline, source_prompt, guided=False))
         edit_embedding = self._embed(pipeline, settings.prompt, guided=True)
         scheduler, inverse_scheduler = ddim_schedulers(pipeline, settings.steps)
+        layers = tuple(self_attention_layers(pipeline.unet, settings.layers))
         clip = ClipContext(
             pipeline=pipeline,
             work_size=work_size,
@@ -179,26 +213,57 @@ class _ClipEditor:
             edit_embedding=edit_embedding,
             scheduler=scheduler,
             inverse_scheduler=inverse_scheduler,
-            layers=tuple(self_attention_layers(pipeline.unet, settings.layers)),
+            layers=layers,
+            plan=plan,
+            feature_store=self._feature_store_kind(pipeline, layers, latent_hw, plan),
         )
-        return clip, first, clip_depths
+        return clip, anchor_rgb, clip_depths
+
+    def _feature_store_kind(self, pipeline: DepthPipeline, layers, latent_hw, plan: EditPlan) -> str:
+        """``--feature-store``, with ``auto`` resolved: the device unless the plan's peak of features
+        would take more than half the device's free memory (the rest is for activations)."""
+        element = torch.empty((), dtype=pipeline.dtype).element_size()
+        per_step = feature_bytes_per_step(pipeline.unet, layers, latent_hw, element)
+        peak_steps = plan.feature_steps_peak(self.settings.steps)
+        needed = peak_steps * per_step
+        if self.settings.injection == "anchor+random" and peak_steps > 3 * self.settings.steps:
+            self.warn(
+                f"injection anchor+random keeps up to {peak_steps / self.settings.steps:.1f} frames' features at "
+                f"once here ({needed / 2**30:.2f} GiB): a frame drawn as a random earlier frame waits for its "
+                "last reader (anchor+previous keeps two)"
+            )
+        kind = choose_feature_store(
+            self.settings.feature_store, pipeline.device, needed, lambda: torch.cuda.mem_get_info()[0]
+        )
+        self.stats.feature_store = kind
+        return kind
 
     def _edit_frames(
-        self, clip: ClipContext, first: np.ndarray, clip_depths: list | None
+        self, clip: ClipContext, anchor_rgb: np.ndarray, clip_depths: list | None
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """The frame loop. From one frame to the next carry only ``bank``, ``previous_x0``,
-        ``self.frames_done`` and the unused rest of ``clip_depths``."""
-        bank = FeatureBank(self.settings.injection)  # the anchor's and the previous frame's features
-        previous_x0: list | None = None  # the previous frame's x0 prediction at each updated step
-        for index in range(self.edited):
-            rgb = first if index == 0 else self._work_frame(index, clip.work_size)
-            model_depth = self._model_depth(clip, index, rgb, clip_depths)
-            start = self._inverted(clip, index, rgb, model_depth)
-            latent, previous_x0 = self._denoise(clip, bank, index, start, model_depth, previous_x0)
-            edited = self._decode(clip, latent)
-            self.frames_done += 1
-            self.stats.frames = self.frames_done
-            yield index, edited
+        """The frame loop over the plan's turns. From one turn to the next carry only ``bank``,
+        ``predictions``, ``waiting``, ``self.frames_done`` and the unused rest of ``clip_depths``."""
+        plan = clip.plan
+        bank = FeatureBank(plan, FeatureStore(clip.feature_store, clip.pipeline.device))
+        predictions: dict[int, list] = {}  # x0 at each updated step, of frames a later update pulls towards
+        waiting: dict[int, torch.Tensor] = {}  # edited latents, until every frame before them is out
+        due = plan.output_order()
+        for turn in plan.turns:
+            rgb = anchor_rgb if turn.index == plan.anchor else self._work_frame(turn.index, clip.work_size)
+            model_depth = self._model_depth(clip, turn, rgb, clip_depths)
+            start = self._inverted(clip, turn, rgb, model_depth)
+            latent, x0_trajectory = self._denoise(clip, bank, turn, start, model_depth, predictions.get(turn.previous))
+            if turn.keep_x0:
+                predictions[turn.index] = x0_trajectory
+            if turn.previous is not None and plan.last_pull.get(turn.previous) == turn.position:
+                del predictions[turn.previous]
+            waiting[turn.index] = latent
+            while due and due[0] in waiting:
+                index = due.pop(0)
+                edited = self._decode(clip, waiting.pop(index))
+                self.frames_done += 1
+                self.stats.frames = self.frames_done
+                yield index, edited
 
     # -- depth and prompts --------------------------------------------------------------------
 
@@ -224,32 +289,37 @@ class _ClipEditor:
             self.report("depth", index + 1, self.count)
         return maps
 
-    def _model_depth(self, clip: ClipContext, index: int, rgb: np.ndarray, clip_depths: list | None) -> torch.Tensor:
+    def _model_depth(self, clip: ClipContext, turn: Turn, rgb: np.ndarray, clip_depths: list | None) -> torch.Tensor:
         """The (1, 1, h, w) depth the UNet sees, in [-1, 1]; also given to the depth sink."""
+        index = turn.index
         if clip.depth_range is not None:
             inverse, (low, high) = clip_depths[index], clip.depth_range
             clip_depths[index] = None  # used once; frees as the clip goes
         else:
             inverse = self._inverse_depth(clip.pipeline, clip.latent_hw, index, rgb)
             low, high = depth_conv.depth_range([inverse], f"depth of frame {index}")
-            self.report("depth", index + 1, self.edited)
+            self.report("depth", turn.position + 1, self.edited)
         model_depth = depth_conv.normalise(inverse, low, high)
         if self.depth_sink is not None:
             self.depth_sink(index, depth_conv.to_display(model_depth).astype(np.float32))
         return torch.from_numpy(model_depth)[None, None].to(clip.pipeline.device, clip.pipeline.dtype)
 
-    def _source_prompt(self, first: np.ndarray) -> str:
+    def _source_prompt(self, anchor_rgb: np.ndarray) -> str:
+        """The given source prompt, else a caption of the anchor (the frame a preview also sees)."""
         if self.settings.source_prompt is not None:
             return self.settings.source_prompt
         self.report("caption", 0, 1)
-        captioner, loaded = load_captioner(
-            self.settings.captioner, self.settings.device, progress=self._download_progress, warn=self.warn
-        )
-        if loaded:
-            self.stats.model_load_seconds += captioner.load_seconds
-        caption = caption_frame(captioner, first)
+
+        def caption() -> tuple[str, float]:
+            captioner, loaded = load_captioner(
+                self.settings.captioner, self.settings.device, progress=self._download_progress, warn=self.warn
+            )
+            return caption_frame(captioner, anchor_rgb), captioner.load_seconds if loaded else 0.0
+
+        text, load_seconds = self._interruptible(caption, "caption")
+        self.stats.model_load_seconds += load_seconds
         self.report("caption", 1, 1)
-        return caption
+        return text
 
     def _embed(self, pipeline: DepthPipeline, prompt: str, guided: bool) -> torch.Tensor:
         """Text embeddings; guided ones are [unconditional (the negative prompt), conditional]."""
@@ -261,9 +331,9 @@ class _ClipEditor:
 
     # -- inversion ----------------------------------------------------------------------------
 
-    def _inverted(self, clip: ClipContext, index: int, rgb: np.ndarray, model_depth: torch.Tensor) -> torch.Tensor:
+    def _inverted(self, clip: ClipContext, turn: Turn, rgb: np.ndarray, model_depth: torch.Tensor) -> torch.Tensor:
         """x_T of this frame, from the cache when the same frame was inverted before."""
-        pipeline, steps = clip.pipeline, self.settings.steps
+        pipeline, steps, position = clip.pipeline, self.settings.steps, turn.position
         key = inversion_key(
             rgb,
             model_depth.float().cpu().numpy(),
@@ -277,17 +347,17 @@ class _ClipEditor:
         expected = (1, pipeline.unet.config.out_channels, *clip.latent_hw)
         if cached is not None and cached.shape == expected:
             self.stats.inversion_cache_hits += 1
-            self.report("inversion", (index + 1) * steps, self.edited * steps)
+            self.report("inversion", (position + 1) * steps, self.edited * steps)
             return torch.from_numpy(cached).to(pipeline.device)
 
         def before_step(step: int) -> None:
             self._check_cancel()
-            self.report("inversion", index * steps + step, self.edited * steps)
+            self.report("inversion", position * steps + step, self.edited * steps)
 
         with self._counting(pipeline.unet, "unet_calls_inversion"):
             latent = encode_latent(pipeline, rgb)
-            start = invert(pipeline, latent, model_depth, clip.source_embedding, clip.inverse_scheduler, before_step)
-        self.report("inversion", (index + 1) * steps, self.edited * steps)
+            start = invert(pipeline, latent, model_depth, clip.source_embedding(), clip.inverse_scheduler, before_step)
+        self.report("inversion", (position + 1) * steps, self.edited * steps)
         clip.inversion_cache.store(key, start.cpu().numpy())
         return start
 
@@ -297,29 +367,31 @@ class _ClipEditor:
         self,
         clip: ClipContext,
         bank: FeatureBank,
-        index: int,
+        turn: Turn,
         start: torch.Tensor,
         model_depth: torch.Tensor,
         previous_x0: list | None,
     ) -> tuple[torch.Tensor, list | None]:
-        """Sample frame ``index`` from its inverted noise with injection and the guided update.
+        """Sample the turn's frame from its inverted noise with injection and the guided update.
 
-        Returns the clean latent and this frame's x0 predictions (None without the update), which
-        the next frame's update pulls towards.
+        Returns the clean latent and this frame's x0 predictions (None unless a later frame's
+        update pulls towards them).
         """
         settings = self.settings
         last_update = settings.last_update_step()
-        keep_x0 = settings.update != "off"  # the next frame's update needs this frame's predictions
-        guided_update = keep_x0 and index > 0 and previous_x0 is not None
+        keep_x0 = turn.keep_x0
+        guided_update = settings.update != "off" and previous_x0 is not None
+        delta = size_scaled_delta(settings.update_delta, start.numel())  # the paper's pull at any size
         depth_pair = torch.cat([model_depth] * 2)
         x0_trajectory = []
         sample = start
-        bank.begin_frame(index)
+        bank.begin_turn(turn)
         unet = clip.pipeline.unet
+        position = turn.position
         with self._counting(unet, "unet_calls_edit"), injection_installed(unet, clip.layers, bank):
             for step, timestep in enumerate(clip.scheduler.timesteps):
                 self._check_cancel()
-                self.report("edit", index * settings.steps + step, self.edited * settings.steps)
+                self.report("edit", position * settings.steps + step, self.edited * settings.steps)
                 bank.step = step
                 update_now = guided_update and step <= last_update
                 if update_now and settings.update == "autograd":
@@ -334,13 +406,14 @@ class _ClipEditor:
                     if update_now:
                         gradient = x0_gradient(x0_hat, previous_x0[step])
                 if update_now:
-                    prev_sample = apply_update(prev_sample, gradient, settings.update_delta)
+                    prev_sample = apply_update(prev_sample, gradient, delta)
                 if keep_x0 and step <= last_update:
                     x0_trajectory.append(x0_hat)
                 sample = prev_sample
-        bank.end_frame(index)
+                bank.end_step()
+        bank.end_turn()
         self.stats.feature_cache_bytes = bank.peak_bytes
-        self.report("edit", (index + 1) * settings.steps, self.edited * settings.steps)
+        self.report("edit", (position + 1) * settings.steps, self.edited * settings.steps)
         return sample, (x0_trajectory if keep_x0 else None)
 
     def _ddim_step(self, clip: ClipContext, sample, timestep, depth_pair):
@@ -372,6 +445,32 @@ class _ClipEditor:
         if self.cancel is not None and self.cancel.is_set():
             raise EditCancelled(self.frames_done)
 
+    def _interruptible(self, work: Callable, name: str):
+        """``work()``, in a worker thread while this one watches the cancel flag: a cancel (or a
+        client hang-up) takes effect within ``CANCEL_POLL`` even while a model loads from disk or
+        BLIP captions, neither of which can be stopped midway. The abandoned work finishes on its
+        own; a model it loads lands in the warm cache for the next job."""
+        if self.cancel is None:
+            return work()
+        self._check_cancel()
+        outcome: dict = {}
+        finished = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome["value"] = work()
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                outcome["error"] = exc
+            finally:
+                finished.set()
+
+        threading.Thread(target=run, name=f"p2v-{name}", daemon=True).start()
+        while not finished.wait(CANCEL_POLL):
+            self._check_cancel()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
     @contextlib.contextmanager
     def _counting(self, unet, field: str):
         """Count real UNet forward calls (a hook on the module) into ``stats.<field>``."""
@@ -389,6 +488,8 @@ class _ClipEditor:
     def _out_of_memory_message(self) -> str:
         s = self.settings
         hints = [f"lower --size (now {s.size})"]
+        if self.stats.feature_store == "gpu" and s.injection != "none":
+            hints.append("use --feature-store cpu (recorded features in host memory)")
         if s.update == "autograd":
             hints.append("use --update x0 (no backward pass)")
         if s.layers == "all":
@@ -404,6 +505,18 @@ class _ClipEditor:
         self.stats.peak_rss_bytes = peak_rss_bytes()
         if self.stats.device == "cuda":  # set once the model is loaded, on the edit's device
             self.stats.peak_gpu_bytes = int(torch.cuda.max_memory_allocated())
+
+
+def choose_feature_store(setting: str, device: str, needed: int, free_memory: Callable[[], int]) -> str:
+    """``gpu`` or ``cpu`` for ``--feature-store``. ``auto`` keeps the features on a CUDA device when
+    ``needed`` (the plan's peak of recorded features) is at most half its free memory, the other
+    half being left to activations and decoding; elsewhere the device's memory is the host's (CPU)
+    or shared with it (MPS), so they stay where they are."""
+    if setting != "auto":
+        return setting
+    if device != "cuda":
+        return "gpu"
+    return "gpu" if needed <= free_memory() // 2 else "cpu"
 
 
 def peak_rss_bytes() -> int | None:

@@ -13,11 +13,25 @@ Two ways to take the gradient:
 
 g is the *mean* squared error in both modes (the official code's loss), so ``delta`` means the
 same thing in both.
+
+The mean divides by N, the number of latent values, so one step moves the sample by
+``2 delta / N`` of the x0 difference: the pull would depend on the working size. The paper's
+delta = 100 is tuned at 512x512 (N = 4 x 64 x 64 = 16384); :func:`size_scaled_delta` applies
+``delta * N / 16384``, so ``--update-delta`` is the paper's pull at every size and aspect, and
+at 512x512 it is delta itself, bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
+
+# Latent values at the paper's working size, 512x512: 4 channels x 64 x 64.
+PAPER_LATENT_VALUES = 4 * 64 * 64
+
+
+def size_scaled_delta(delta: float, latent_values: int) -> float:
+    """The step size that pulls each latent value as hard as ``delta`` does at 512x512."""
+    return delta * (latent_values / PAPER_LATENT_VALUES)
 
 
 def x0_gradient(x0_hat, x0_previous):

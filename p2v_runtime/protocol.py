@@ -175,7 +175,8 @@ class EditStats:
     unet_calls_inversion: int = 0
     unet_calls_edit: int = 0
     inversion_cache_hits: int = 0
-    feature_cache_bytes: int = 0
+    feature_cache_bytes: int = 0  # peak bytes of recorded self-attention features, wherever they are kept
+    feature_store: str = ""  # where they were kept: "gpu" (the compute device) or "cpu" (host memory)
     seconds: float = 0.0
     seconds_per_frame: float | None = None
     peak_rss_bytes: int | None = None

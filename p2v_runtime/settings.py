@@ -109,11 +109,25 @@ class EditSettings:
             "Injection",
             "where the self-attention keys and values come from",
             choices=_choices(
-                ("anchor+previous", "Anchor + previous", "the first and the previous frame (the paper)"),
-                ("anchor", "Anchor", "only the first frame"),
+                ("anchor+previous", "Anchor + previous", "the anchor and the previous frame (the paper)"),
+                ("anchor", "Anchor", "only the anchor"),
                 ("previous", "Previous", "only the previous frame"),
+                (
+                    "anchor+random",
+                    "Anchor + random",
+                    "the anchor and a random earlier frame, picked by --seed (the paper's Figure 5 ablation)",
+                ),
                 ("none", "None", "no injection: plain per-frame depth-to-image"),
             ),
+        ),
+    )
+    anchor: str = setting(
+        "first",
+        Spec(
+            "Anchor",
+            "the frame edited first, that every frame attends to: first, middle, or N (the Nth frame "
+            "edited, counted from 0); the edit runs from it forward to the end and backward to the start",
+            metavar="first|middle|N",
         ),
     )
     update: str = setting(
@@ -154,7 +168,7 @@ class EditSettings:
         100.0,
         Spec(
             "Update strength",
-            "step size of the guided update (the paper's delta, tuned at 512x512)",
+            "step size of the guided update: the paper's delta, the same pull at every working size",
             low=0.0,
             high=1e7,
             soft_high=1000.0,
@@ -169,6 +183,17 @@ class EditSettings:
             low=0,
             high=1000,
             advanced=True,
+        ),
+    )
+    seed: int = setting(
+        0,
+        Spec(
+            "Seed",
+            "picks the random earlier frames of injection anchor+random; nothing else in the edit is random",
+            low=0,
+            high=2**31 - 1,
+            advanced=True,
+            shown_when=("injection", "anchor+random"),
         ),
     )
     depth_norm: str = setting(
@@ -255,6 +280,23 @@ class EditSettings:
             blender=PREFERENCES,
         ),
     )
+    feature_store: str = setting(
+        "auto",
+        Spec(
+            "Feature memory",
+            "where the recorded self-attention features are kept",
+            choices=_choices(
+                ("auto", "Auto", "on the GPU when they fit in half its free memory, else in host memory"),
+                ("gpu", "GPU", "on the compute device (fastest)"),
+                (
+                    "cpu",
+                    "Host memory",
+                    "in host memory, copied to the GPU a step at a time (SD 2 depth at 512 fits a 6 GB card)",
+                ),
+            ),
+            blender=PREFERENCES,
+        ),
+    )
     cache_dir: str | None = setting(
         None,
         Spec(
@@ -282,7 +324,21 @@ class EditSettings:
         if not self.captioner.strip():
             raise SettingsError(f"{describe('captioner')} is empty: give a hub id or a folder")
         parse_frame_range(self.frames)
+        self.anchor = parse_anchor(self.anchor)
         return self
+
+    def anchor_index(self, count: int) -> int:
+        """The frame the edit starts from in a ``count``-frame clip (``middle``: ``count // 2``)."""
+        anchor = parse_anchor(self.anchor)
+        if anchor == "first":
+            return 0
+        if anchor == "middle":
+            return count // 2
+        if int(anchor) >= count:
+            raise SettingsError(
+                f"{describe('anchor')} {anchor} is past the clip: it has {count} frame(s), 0..{count - 1}"
+            )
+        return int(anchor)
 
     def last_update_step(self) -> int:
         """Last step index that gets the guided update, scaled from the paper's 50 steps."""
@@ -399,6 +455,16 @@ def parse_frame_range(text: str | None) -> tuple[int, int | None]:
     if stop is not None and start >= stop:
         raise SettingsError(f"{describe('frames')} {text.strip()} selects no frames")
     return start, stop
+
+
+def parse_anchor(text: str) -> str:
+    """``first``, ``middle`` or a frame number as digits (any case and spacing); else SettingsError."""
+    value = str(text).strip().lower()
+    if value in ("first", "middle"):
+        return value
+    if value.isdigit() and value.isascii():
+        return str(int(value))
+    raise SettingsError(f"{describe('anchor')} must be first, middle or a frame number counted from 0, got {text!r}")
 
 
 def frame_range(text: str | None, count: int) -> range:

@@ -1,7 +1,7 @@
 """Benchmark: peak resident memory of `p2v edit` against clip length (10, 40, 120 frames).
 
-Pix2Video's edit is sequential and keeps only the anchor's and the previous frame's features,
-and frames are read lazily, so peak memory should not grow with the clip. Each length runs in a
+Pix2Video's edit is sequential and keeps only the features a later frame reads (about two
+frames' worth), and frames are read lazily, so peak memory should not grow with the clip. Each length runs in a
 fresh subprocess of `p2v edit --stats` (peak RSS is a per-process high-water mark) on the tiny
 random-weight models at a small size, so the whole table takes a few minutes on a CPU. What the
 table shows is the growth, not the absolute figure: the tiny models are a few MB, the real SD 2

@@ -842,6 +842,22 @@ def scenario_workflow():
             s.select = s.name in ("img", "mov")
         out["selected"] = sorted(bpy.ops.sequencer.p2v_edit_selected())
         out["after_selected"] = made()
+        # Previews of another anchor: the strip sits at the anchor's frame; with per-frame depth
+        # only the anchor's frame is rendered and sent.
+        source = compat.all_strips(editor)["img"]
+        editor.active_strip = source
+        props.anchor = "middle"
+        for depth_norm in ("clip", "frame"):
+            props.depth_norm = depth_norm
+            out[f"preview_middle_{depth_norm}"] = sorted(bpy.ops.sequencer.p2v_preview())
+            shown = [
+                s
+                for s in compat.all_strips(editor)
+                if s.get("p2v_preview") and s.get("p2v_source") == "img" and s.name not in before
+            ]
+            out[f"preview_middle_{depth_norm}_strips"] = [
+                [s.frame_final_start - source.frame_final_start, s.frame_final_duration] for s in shown
+            ]
         out["jobs"] = [
             {
                 "strip": j.strip_name,
@@ -849,6 +865,7 @@ def scenario_workflow():
                 "state": j.state,
                 "hits": j.stats.get("inversion_cache_hits"),
                 "frames": j.stats.get("frames"),
+                "sent": j.total,
                 "prompt": j.settings.prompt,
             }
             for j in jobs
@@ -863,6 +880,7 @@ def scenario_workflow():
         for s in compat.all_strips(editor):
             s.select = False
         props.prompt, props.steps = values["prompt"], values["steps"]
+        props.anchor, props.depth_norm = "first", "clip"
 
 
 def scenario_operator_poll():

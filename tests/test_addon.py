@@ -451,7 +451,15 @@ def test_preview_edit_reedit_and_edit_selected(results):
         ("img", False, "done"),
         ("img", False, "done"),
         ("mov", False, "done"),
+        ("img", True, "done"),
+        ("img", True, "done"),
     ]
+    # --anchor middle: the preview of frame 2 of 5 sits at that frame; with clip depth all five
+    # frames are sent, with per-frame depth the anchor's alone.
+    for depth_norm in ("clip", "frame"):
+        assert found[f"preview_middle_{depth_norm}"] == ["FINISHED"]
+        assert found[f"preview_middle_{depth_norm}_strips"] == [[2, 1]]
+    assert [(j["sent"], j["frames"]) for j in jobs[-2:]] == [(5, 1), (1, 1)]
     assert jobs[0]["frames"] == 1 and jobs[0]["hits"] == 0
     assert jobs[2]["frames"] == 5 and jobs[2]["hits"] == 1  # the anchor's inversion from the preview
     assert jobs[3]["prompt"] == "a green car"

@@ -119,6 +119,10 @@ def test_preview_writes_the_anchor_and_the_whole_edit_reuses_its_inversion(clip,
     found = json.loads(stats_file.read_text())
     assert found["frames"] == 3 and found["inversion_cache_hits"] == 1
     assert (tmp_path / "preview" / "000000.png").read_bytes() == (tmp_path / "whole" / "000000.png").read_bytes()
+    # --anchor middle: the preview is frame 1 of 3, under its own name.
+    args = edit_args(clip, tmp_path / "middle", "--preview", "--anchor", "middle")
+    assert run_cli(args, capsys)[0] == 0
+    assert sorted(p.name for p in (tmp_path / "middle").iterdir()) == ["000001.png"]
 
 
 def test_edit_reads_video_files(tmp_path, edit_args, capsys):
@@ -282,6 +286,7 @@ def test_out_of_gpu_memory_names_the_setting_to_lower(clip, edit_args, tmp_path,
         handle.remove()
     assert code != 0
     assert "out of GPU memory" in err and "--size" in err
+    assert "--feature-store cpu" in err  # the features were on the device
     assert len(err.strip().splitlines()) == 1
 
 

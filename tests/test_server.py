@@ -341,6 +341,14 @@ def test_a_preview_job_returns_the_anchor_only_and_the_connection_takes_the_next
         assert final.type == "done" and final["frames"] == 1 and progress[-1]["total"] == 2
         results, _, final = run_all(client, echo_settings(), frames[:2], 16, 16)  # a whole job after it
         assert [m["index"] for m in results] == [0, 1] and final.type == "done"
+        # Another anchor: the one result is that frame, under its own index.
+        for anchor, index in (("middle", 2), ("4", 4)):
+            settings = {**echo_settings("steps=2"), "anchor": anchor}
+            results, progress, final = run_all(client, settings, frames, 16, 16, preview=True)
+            assert [m["index"] for m in results] == [index] and bytes(results[0].payload) == frames[index]
+            assert final.type == "done" and final["frames"] == 1 and progress[-1]["done"] == progress[-1]["total"] == 2
+        with pytest.raises(RemoteError, match="past the clip"):
+            run_all(client, {**echo_settings(), "anchor": "5"}, frames, 16, 16, preview=True)
 
 
 def test_echo_job_end_to_end(server):
@@ -1260,3 +1268,61 @@ def _cli_edit_local_and_on_server(tmp_path, arrays, settings, address, token):
         found.update({f"depth/{p.name}": p.read_bytes() for p in sorted(depth.iterdir())})
         outputs.append(found)
     return outputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["cancel", "hang-up"])
+def test_cancel_or_hang_up_during_a_cold_model_load_ends_the_job_within_a_second(
+    tiny_models, tmp_path, monkeypatch, how
+):
+    """A cold load can take many seconds and cannot be stopped midway: the job waits for it in
+    another thread, watching its cancel flag, so a cancel (or a client that hangs up, which the
+    server turns into one) ends the job at once; the load lands in the warm cache later."""
+    from p2v_runtime import editor
+    from p2v_runtime.server import edit_job_runner
+
+    release = threading.Event()
+    load_depth_pipeline = editor.load_depth_pipeline
+
+    def slow_load(*args, **kwargs):
+        release.wait(30)
+        return load_depth_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(editor, "load_depth_pipeline", slow_load)
+    server = Server(HOST, 0, token="slow", job_runner=edit_job_runner, spool_dir=str(tmp_path / "spool"))
+    server.bind()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    settings = {
+        "prompt": "a red car",
+        "source_prompt": "a car",
+        "model": str(tiny_models["sd2-depth"]),
+        "size": 64,
+        "steps": 2,
+        "device": "cpu",
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    try:
+        client = Client(HOST, server.address[1], "slow")
+        frames = rgb_frames(2, 64, 64)
+        messages = client.run_job(settings, frames, 64, 64)
+        for message in messages:
+            if message.type == "progress" and message["stage"] == "load":
+                break
+        time.sleep(0.2)  # well into the load
+        asked = time.monotonic()
+        if how == "cancel":
+            client.cancel()
+            final = [m for m in messages if m.type not in ("progress", "received", "warning")]
+            assert [m.type for m in final] == ["cancelled"]
+            client.close()
+        else:
+            messages.close()  # leaving the iteration hangs up
+        while server.current_job is not None:
+            assert time.monotonic() - asked < 1.0, "the job still waits for the load"
+            time.sleep(0.01)
+        assert time.monotonic() - asked < 1.0
+    finally:
+        release.set()
+        server.stop()
+        thread.join(10)

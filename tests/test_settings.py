@@ -126,7 +126,11 @@ def test_text_that_is_not_a_number_is_refused_in_the_schema_words():
         ({"prompt": "x", "device": "tpu"}, "Device (--device) must be one of auto, cuda, mps, cpu; got 'tpu'"),
         ({"prompt": "x", "frames": "5:5"}, "Frames (--frames) 5:5 selects no frames"),
         ({"prompt": 5}, "Prompt (--prompt) must be text, got 5"),
-        ({"prompt": "x", "seed": 1}, "unknown setting(s): seed"),
+        ({"prompt": "x", "sampler": "euler"}, "unknown setting(s): sampler"),
+        ({"prompt": "x", "anchor": "last"}, "Anchor (--anchor) must be first, middle or a frame number"),
+        ({"prompt": "x", "anchor": "-1"}, "Anchor (--anchor) must be first, middle or a frame number"),
+        ({"prompt": "x", "seed": -1}, "Seed (--seed) must be between 0 and 2147483647, got -1"),
+        ({"prompt": "x", "feature_store": "disk"}, "Feature memory (--feature-store) must be one of auto, gpu, cpu"),
     ],
 )
 def test_bad_values_are_refused_with_one_line(values, message):
@@ -195,3 +199,28 @@ def test_settings_module_is_standard_library_only():
             assert node.level == 0, "no relative imports: the vendored copy has no package around it"
             imported.add(node.module.split(".")[0])
     assert imported <= set(sys.stdlib_module_names) | {"__future__"}
+
+
+@pytest.mark.parametrize(
+    "text, count, index",
+    [
+        ("first", 7, 0),
+        ("middle", 7, 3),
+        ("middle", 8, 4),
+        ("middle", 1, 0),
+        ("6", 7, 6),
+        (" Middle ", 4, 2),
+        ("007", 9, 7),
+    ],
+)
+def test_anchor_names_a_frame_of_the_clip(text, count, index):
+    settings = schema.EditSettings(prompt="x", anchor=text).validate()
+    assert settings.anchor_index(count) == index
+    assert settings.anchor in ("first", "middle", str(index))  # kept in one spelling
+
+
+def test_an_anchor_past_the_clip_names_its_length():
+    with pytest.raises(
+        schema.SettingsError, match=r"^Anchor \(--anchor\) 7 is past the clip: it has 7 frame\(s\), 0..6$"
+    ):
+        schema.EditSettings(prompt="x", anchor="7").validate().anchor_index(7)

@@ -68,8 +68,9 @@ def echo_job_runner(
         warn(options.warn)
     count = len(frames)
     started = time.monotonic()
-    edited = 1 if preview else count  # a preview: the anchor only
-    for index in range(edited):
+    indices = [settings.anchor_index(count)] if preview else range(count)  # a preview: the anchor only
+    edited = len(indices)
+    for position, index in enumerate(indices):
         image = frames.read(index)
         if depth is not None:
             depth.read(index)
@@ -79,11 +80,11 @@ def echo_job_runner(
             depth_sink(index, _brightness_eighth(image))
         for step in range(options.steps):
             if cancel is not None and cancel.is_set():
-                raise EditCancelled(index)
+                raise EditCancelled(position)
             if options.delay:
                 time.sleep(options.delay)
             if progress is not None:
-                progress("edit", index * options.steps + step + 1, edited * options.steps)
+                progress("edit", position * options.steps + step + 1, edited * options.steps)
         yield index, image
     if stats is not None:
         stats.frames = edited

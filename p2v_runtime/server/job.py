@@ -228,11 +228,15 @@ class Job:
                 warn=self._warn,
                 **runner_options,
             )
+            # Results go out in frame order whatever order the editor works in (it buffers); a
+            # preview's one result is the anchor's frame.
+            preview_index = self.settings.anchor_index(self.count) if self.preview else None
             for index, image in iterator:
                 if self.cancel.is_set():
                     raise EditCancelled(self.results_sent)
-                if index != self.results_sent:
-                    raise RuntimeError(f"the editor yielded frame {index} where {self.results_sent} was due")
+                due = self.results_sent if preview_index is None else preview_index
+                if index != due or (preview_index is not None and self.results_sent):
+                    raise RuntimeError(f"the editor yielded frame {index} where {due} was due")
                 payload = _image_payload(image, self.width, self.height)
                 header = P.frame_header("result", index, self.width, self.height)
                 if not self.conn.writer.send_result(header, payload, self.cancel.is_set):
