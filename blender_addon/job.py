@@ -230,7 +230,9 @@ class EditJob:
 
     def _check_anchor(self) -> None:
         """An anchor past the range is refused before anything renders (a range past the strip is
-        StripFrames' to refuse, with the strip's name)."""
+        StripFrames' to refuse, with the strip's name, as is a missing strip)."""
+        if self.strip is None:
+            return
         try:
             chosen = schema.frame_range(self.settings.frames, self.strip.frame_final_duration)
         except SettingsError:
@@ -247,7 +249,7 @@ class EditJob:
 
     def _frames_to_send(self) -> str:
         """The range to render: the settings' range; for a narrowed preview, the anchor's frame of it."""
-        if not self._narrowed_preview():
+        if not self._narrowed_preview() or self.strip is None:
             return self.settings.frames
         try:
             chosen = schema.frame_range(self.settings.frames, self.strip.frame_final_duration)

@@ -478,7 +478,7 @@ class UpdateMoves:
 
 @pytest.mark.parametrize(
     "width, height, size, working",
-    [(64, 64, 64, (64, 64)), (64, 64, 256, (256, 256)), (64, 64, 512, (512, 512)), (160, 90, 512, (512, 320))],
+    [(64, 64, 64, (64, 64)), (256, 256, 256, (256, 256)), (512, 512, 512, (512, 512)), (512, 288, 512, (512, 320))],
 )
 def test_the_update_pulls_by_the_papers_fraction_at_every_working_size(
     tiny_settings, monkeypatch, width, height, size, working
