@@ -189,6 +189,11 @@ class EditStats:
     working_size: tuple[int, int] | None = None
     bytes_in: int = 0  # received for the job (frames, depth, headers); 0 for a local edit
     bytes_out: int = 0  # sent for the job up to its ``done``; 0 for a local edit
+    # On a pool (p2v serve --ray): the actor that ran the sequential edit, how many DDIM inversions
+    # each actor computed for the job, and how often the job moved to another actor after one died.
+    actor: str = ""
+    pool_inversions: dict[str, int] = dataclasses.field(default_factory=dict)
+    pool_restarts: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         values = dataclasses.asdict(self)
@@ -224,6 +229,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
         "depth": ("bool", _REQ),
         "send_depth": ("bool", _OPT),
         "preview": ("bool", _OPT),
+        "queue": ("bool", _OPT),
     },
     "frame": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
     "depth": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
@@ -240,6 +246,7 @@ SCHEMAS: dict[str, dict[str, tuple[str, bool]]] = {
     },
     "job_ok": {"job": ("str", _REQ), "frames": ("int", _REQ), "window": ("int", _REQ)},
     "received": {"index": ("int", _REQ)},
+    "queued": {"position": ("int", _REQ)},
     "progress": {"stage": ("str", _REQ), "done": ("int", _REQ), "total": ("int", _REQ)},
     "warning": {"message": ("str", _REQ)},
     "result": {"index": ("int", _REQ), "shape": ("shape", _REQ), "dtype": ("str", _REQ)},
