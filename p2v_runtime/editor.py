@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,7 +31,16 @@ from .caption import caption_frame
 from .errors import EditCancelled, GpuOutOfMemory, InputError
 from .frames import resize_rgb, working_size
 from .guidance import apply_update, autograd_gradient, size_scaled_delta, x0_gradient
-from .inversion import InversionCache, ddim_schedulers, default_cache_dir, encode_latent, inversion_key, invert
+from .inversion import (
+    InversionCache,
+    InversionRequest,
+    InversionSpec,
+    ddim_schedulers,
+    default_cache_dir,
+    embed_prompt,
+    inversion_key,
+    invert_frame,
+)
 from .models import DepthPipeline, dtype_name, load_captioner, load_depth_pipeline
 from .plan import EditPlan, Turn, plan_edit
 from .protocol import EditStats, Frames
@@ -53,6 +63,7 @@ def edit_clip(
     depth_sink: DepthSink | None = None,
     warn: Callable[[str], None] | None = None,
     preview: bool = False,
+    shared_inversions: SharedInversions | None = None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Edit a clip with Pix2Video; yield ``(index, HxWx3 uint8 RGB)`` at the input size, in order.
 
@@ -68,11 +79,36 @@ def edit_clip(
     Frames are edited from the anchor outwards (``plan.py``); with another anchor than the first
     frame, frames before it are handed out once the backward pass reaches frame 0, so the output
     is always in frame order. They wait as latents (64 KiB a frame at 512x512), decoded when due.
+
+    ``shared_inversions`` (``p2v serve --ray``): inversions other processes compute at the same
+    time. Before the first frame the editor announces every inversion it will need to it, in the
+    plan's order; it then asks it for each one in turn, and inverts itself only what nobody else
+    has taken.
     """
     settings.validate()
     editor = _ClipEditor(frames, settings, depth, progress, cancel, stats or EditStats(), depth_sink, warn)
     editor.preview = preview
+    editor.shared = shared_inversions
     yield from editor.run()
+
+
+class SharedInversions(Protocol):
+    """Inversions shared with other processes: an :class:`InversionCache` that is also told, up
+    front, which inversions the clip needs (``pool/shared.py`` is the one in use)."""
+
+    def attach(self, disk: InversionCache) -> SharedInversions:
+        """Use ``disk`` as this process's own cache under the shared one; return self."""
+        ...
+
+    def announce(self, spec: InversionSpec, requests: list[InversionRequest]) -> None:
+        """The inversions this edit needs and has not cached, in the order it needs them."""
+        ...
+
+    def load(self, key: str) -> np.ndarray | None:
+        """The inverted latent, waiting for it while another process computes it; None: invert it here."""
+        ...
+
+    def store(self, key: str, latent: np.ndarray) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +149,7 @@ class _ClipEditor:
         self.frames_done = 0  # frames handed out
         self.count = len(frames)
         self.preview = False
+        self.shared: SharedInversions | None = None
         self.edited = self.count  # frames inverted and edited: 1 for a preview of the anchor
 
     # -- the clip -----------------------------------------------------------------------------
@@ -123,6 +160,8 @@ class _ClipEditor:
             self._check_inputs()
             plan = self._plan()
             clip, anchor_rgb, clip_depths = self._load(plan)
+            if self.shared is not None and not self.preview:
+                clip_depths = self._announce_inversions(clip, anchor_rgb, clip_depths)
             yield from self._edit_frames(clip, anchor_rgb, clip_depths)
         except torch.cuda.OutOfMemoryError as exc:
             raise GpuOutOfMemory(self._out_of_memory_message()) from exc
@@ -186,6 +225,8 @@ class _ClipEditor:
         work_size, latent_hw = (width, height), (height // scale, width // scale)
         stats.working_size = work_size
         inversion_cache = InversionCache(settings.cache_dir or default_cache_dir(), warn=self.warn)
+        if self.shared is not None:
+            inversion_cache = self.shared.attach(inversion_cache)
         if pipeline.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
 
@@ -292,17 +333,25 @@ class _ClipEditor:
     def _model_depth(self, clip: ClipContext, turn: Turn, rgb: np.ndarray, clip_depths: list | None) -> torch.Tensor:
         """The (1, 1, h, w) depth the UNet sees, in [-1, 1]; also given to the depth sink."""
         index = turn.index
-        if clip.depth_range is not None:
-            inverse, (low, high) = clip_depths[index], clip.depth_range
+        inverse = clip_depths[index] if clip_depths is not None else None
+        if inverse is not None:
             clip_depths[index] = None  # used once; frees as the clip goes
         else:
             inverse = self._inverse_depth(clip.pipeline, clip.latent_hw, index, rgb)
-            low, high = depth_conv.depth_range([inverse], f"depth of frame {index}")
             self.report("depth", turn.position + 1, self.edited)
-        model_depth = depth_conv.normalise(inverse, low, high)
+        model_depth = self._normalised(clip, index, inverse)
         if self.depth_sink is not None:
             self.depth_sink(index, depth_conv.to_display(model_depth).astype(np.float32))
-        return torch.from_numpy(model_depth)[None, None].to(clip.pipeline.device, clip.pipeline.dtype)
+        return depth_tensor(clip.pipeline, model_depth)
+
+    @staticmethod
+    def _normalised(clip: ClipContext, index: int, inverse: np.ndarray) -> np.ndarray:
+        """Inverse depth in [-1, 1], by the clip's range or, without one, the frame's own."""
+        if clip.depth_range is not None:
+            low, high = clip.depth_range
+        else:
+            low, high = depth_conv.depth_range([inverse], f"depth of frame {index}")
+        return depth_conv.normalise(inverse, low, high)
 
     def _source_prompt(self, anchor_rgb: np.ndarray) -> str:
         """The given source prompt, else a caption of the anchor (the frame a preview also sees)."""
@@ -323,26 +372,14 @@ class _ClipEditor:
 
     def _embed(self, pipeline: DepthPipeline, prompt: str, guided: bool) -> torch.Tensor:
         """Text embeddings; guided ones are [unconditional (the negative prompt), conditional]."""
-        with torch.no_grad():
-            positive, negative = pipeline.pipe.encode_prompt(
-                prompt, pipeline.device, 1, guided, negative_prompt=self.settings.negative_prompt if guided else None
-            )
-        return torch.cat([negative, positive]) if guided else positive
+        return embed_prompt(pipeline, prompt, guided, self.settings.negative_prompt if guided else None)
 
     # -- inversion ----------------------------------------------------------------------------
 
     def _inverted(self, clip: ClipContext, turn: Turn, rgb: np.ndarray, model_depth: torch.Tensor) -> torch.Tensor:
         """x_T of this frame, from the cache when the same frame was inverted before."""
         pipeline, steps, position = clip.pipeline, self.settings.steps, turn.position
-        key = inversion_key(
-            rgb,
-            model_depth.float().cpu().numpy(),
-            pipeline.fingerprint,
-            clip.source_prompt,
-            steps,
-            pipeline.device,
-            dtype_name(pipeline.dtype),
-        )
+        key = self._inversion_key(clip, rgb, model_depth)
         cached = clip.inversion_cache.load(key)
         expected = (1, pipeline.unet.config.out_channels, *clip.latent_hw)
         if cached is not None and cached.shape == expected:
@@ -355,11 +392,53 @@ class _ClipEditor:
             self.report("inversion", position * steps + step, self.edited * steps)
 
         with self._counting(pipeline.unet, "unet_calls_inversion"):
-            latent = encode_latent(pipeline, rgb)
-            start = invert(pipeline, latent, model_depth, clip.source_embedding(), clip.inverse_scheduler, before_step)
+            start = invert_frame(
+                pipeline, rgb, model_depth, clip.source_embedding(), clip.inverse_scheduler, before_step
+            )
         self.report("inversion", (position + 1) * steps, self.edited * steps)
         clip.inversion_cache.store(key, start.cpu().numpy())
         return start
+
+    def _inversion_key(self, clip: ClipContext, rgb: np.ndarray, model_depth: torch.Tensor) -> str:
+        pipeline = clip.pipeline
+        return inversion_key(
+            rgb,
+            model_depth.float().cpu().numpy(),
+            pipeline.fingerprint,
+            clip.source_prompt,
+            self.settings.steps,
+            pipeline.device,
+            dtype_name(pipeline.dtype),
+        )
+
+    def _announce_inversions(self, clip: ClipContext, anchor_rgb: np.ndarray, clip_depths: list | None) -> list:
+        """Tell the shared inversions every frame this edit will invert, in the plan's order, so
+        idle processes start on them now. Each frame's inverse depth is computed here once and
+        kept for its turn (the clip's, or with per-frame normalisation the frame's own)."""
+        pipeline, plan = clip.pipeline, clip.plan
+        depths = clip_depths if clip_depths is not None else [None] * self.count
+        requests = []
+        for position, turn in enumerate(plan.turns):
+            self._check_cancel()
+            index = turn.index
+            rgb = anchor_rgb if index == plan.anchor else self._work_frame(index, clip.work_size)
+            if depths[index] is None:
+                depths[index] = self._inverse_depth(pipeline, clip.latent_hw, index, rgb)
+                self.report("depth", position + 1, self.edited)
+            model_depth = self._normalised(clip, index, depths[index])
+            key = self._inversion_key(clip, rgb, depth_tensor(pipeline, model_depth))
+            if not clip.inversion_cache.has(key):
+                requests.append(InversionRequest(key=key, index=index, model_depth=model_depth))
+        spec = InversionSpec(
+            settings=self.settings.to_wire(),
+            work_size=clip.work_size,
+            source_prompt=clip.source_prompt,
+            fingerprint=pipeline.fingerprint,
+            device=pipeline.device,
+            dtype=dtype_name(pipeline.dtype),
+        )
+        self.shared.announce(spec, requests)
+        return depths
 
     # -- the edit -----------------------------------------------------------------------------
 
@@ -505,6 +584,11 @@ class _ClipEditor:
         self.stats.peak_rss_bytes = peak_rss_bytes()
         if self.stats.device == "cuda":  # set once the model is loaded, on the edit's device
             self.stats.peak_gpu_bytes = int(torch.cuda.max_memory_allocated())
+
+
+def depth_tensor(pipeline: DepthPipeline, model_depth: np.ndarray) -> torch.Tensor:
+    """The (1, 1, h, w) model depth on the device, in the model's dtype (what the UNet is given)."""
+    return torch.from_numpy(model_depth)[None, None].to(pipeline.device, pipeline.dtype)
 
 
 def choose_feature_store(setting: str, device: str, needed: int, free_memory: Callable[[], int]) -> str:

@@ -10,6 +10,7 @@ import hashlib
 import inspect
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,27 @@ from PIL import Image
 from .files import atomic_write
 
 CACHE_FORMAT = "p2v-inversion-v1"
+
+
+@dataclass(frozen=True)
+class InversionSpec:
+    """What one clip's inversions share, enough for another process to compute any of them."""
+
+    settings: dict  # the edit's settings, as on the wire (model, device, dtype, steps, ...)
+    work_size: tuple[int, int]  # (width, height) the frames are resized to
+    source_prompt: str
+    fingerprint: str  # the model's; another process inverts only with the same model,
+    device: str  # device kind
+    dtype: str  # and precision
+
+
+@dataclass(frozen=True)
+class InversionRequest:
+    """One frame's inversion: its cache key, its index in the clip and its model depth in [-1, 1]."""
+
+    key: str
+    index: int
+    model_depth: np.ndarray  # (h, w) float32 at latent size
 
 
 def default_cache_dir() -> Path:
@@ -59,6 +81,9 @@ class InversionCache:
         self.folder = Path(folder)
         self._warn = warn
         self._warned = False
+
+    def has(self, key: str) -> bool:
+        return (self.folder / f"{key}.npy").is_file()
 
     def load(self, key: str) -> np.ndarray | None:
         path = self.folder / f"{key}.npy"
@@ -103,6 +128,20 @@ def ddim_schedulers(pipeline, steps: int):
         scheduler.set_timesteps(steps, device=pipeline.device)
         built.append(scheduler)
     return tuple(built)
+
+
+def embed_prompt(pipeline, prompt: str, guided: bool, negative_prompt: str | None = None):
+    """Text embeddings; guided ones are [unconditional (the negative prompt), conditional]."""
+    with torch.no_grad():
+        positive, negative = pipeline.pipe.encode_prompt(
+            prompt, pipeline.device, 1, guided, negative_prompt=negative_prompt if guided else None
+        )
+    return torch.cat([negative, positive]) if guided else positive
+
+
+def invert_frame(pipeline, rgb: np.ndarray, depth, source_embedding, scheduler, before_step=None):
+    """x_T of one frame at the working size: its VAE latent, inverted (the same in every process)."""
+    return invert(pipeline, encode_latent(pipeline, rgb), depth, source_embedding, scheduler, before_step)
 
 
 def invert(pipeline, latent, depth, source_embedding, scheduler, before_step: Callable[[int], None] | None = None):

@@ -62,8 +62,8 @@ p2v_setup_venv() {
     p2v_log "installing torch==$P2V_TORCH_VERSION (CPU)"
     "${pip[@]}" install -q --progress-bar off "torch==$P2V_TORCH_VERSION" \
         || { p2v_log "error: pip could not install torch==$P2V_TORCH_VERSION"; return 1; }
-    p2v_log "installing the project with extras runtime, test, blender"
-    "${pip[@]}" install -q --progress-bar off -e "$P2V_ROOT[runtime,test,blender]" "torch==$P2V_TORCH_VERSION" \
+    p2v_log "installing the project with extras runtime, test, blender, pool"
+    "${pip[@]}" install -q --progress-bar off -e "$P2V_ROOT[runtime,test,blender,pool]" "torch==$P2V_TORCH_VERSION" \
         || { p2v_log "error: pip could not install the project"; return 1; }
     # bpy's wheel carries an odd platform tag that pip check reports; only real conflicts matter.
     local conflicts

@@ -144,6 +144,32 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="cancel a job whose client sends no frame for S seconds mid-upload",
     )
+    pool = parser.add_argument_group("a pool of devices (Ray)")
+    pool.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run jobs on a pool of Ray actors, one per GPU: several clients at once, queued in arrival order; "
+        "ADDRESS omitted starts a local Ray cluster, 'auto' joins the one `ray start` runs on this node, or "
+        "give the head's host:port (needs the pool extra: pip install 'p2v-runtime[pool]')",
+    )
+    pool.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray: the number of actors (default: one per GPU of the cluster; without GPUs, one per node)",
+    )
+    pool.add_argument(
+        "--actor-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --ray on a cluster without GPUs: CPU threads (and Ray CPUs) per actor (default: the "
+        "cluster's CPUs shared out)",
+    )
     parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help=argparse.SUPPRESS)
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, help=argparse.SUPPRESS)
     parser.add_argument("--auth-backoff", type=float, default=DEFAULT_AUTH_BACKOFF, help=argparse.SUPPRESS)
@@ -282,11 +308,21 @@ def serve_main(args: argparse.Namespace) -> int:
     for folder in args.models_dir:
         if not os.path.isdir(folder):
             return _fail(f"--models-dir {folder} is not a folder")
+    for name, value in (("--actors", args.actors), ("--actor-threads", args.actor_threads)):
+        if value is not None and value < 1:
+            return _fail(f"{name} must be at least 1, got {value}")
+        if value is not None and args.ray is None:
+            return _fail(f"{name} needs --ray")
     paths = PathRules.for_server(
         remote=remote, models_dirs=args.models_dir, cache_root=args.cache_root, allow_downloads=args.allow_downloads
     )
     if not paths.allow_downloads:
         os.environ["HF_HUB_OFFLINE"] = "1"  # nothing in this process reaches the hub, whatever asks
+    pool = None
+    if args.ray is not None:
+        pool, problem = _start_pool(args)
+        if problem:
+            return _fail(problem)
     server = Server(
         args.host,
         args.port,
@@ -304,7 +340,33 @@ def serve_main(args: argparse.Namespace) -> int:
         tls=tls,
         unix_path=args.unix,
         paths=paths,
+        pool=pool,
     )
+    try:
+        return _serve(server, args, generated, tls)
+    finally:
+        if pool is not None:
+            pool.close()
+
+
+def _start_pool(args):
+    """(the started pool, None) or (None, why not)."""
+    try:
+        from ..pool.pool import Pool
+    except ImportError as exc:
+        return None, f"--ray needs Ray ({exc}): pip install 'p2v-runtime[pool]'"
+    pool = Pool(args.ray or None, args.actors, args.actor_threads)
+    log.info("starting the pool on %s", f"the Ray cluster at {args.ray}" if args.ray else "a local Ray cluster")
+    try:
+        log.info("%s", pool.start())
+    except P2VError as exc:
+        pool.close()
+        return None, str(exc)
+    return pool, None
+
+
+def _serve(server: Server, args, generated: bool, tls) -> int:
+    token = server.token
     try:
         host, port = server.bind()
     except (OSError, P2VError) as exc:
@@ -320,6 +382,8 @@ def serve_main(args: argparse.Namespace) -> int:
     ready.update(pid=os.getpid(), protocol=P.PROTOCOL_VERSION)
     if tls is not None:
         ready["tls"] = True
+    if server.pool is not None:
+        ready["actors"] = len(server.pool.actors())
     if generated:
         ready["token"] = token  # only reachable on loopback: remote binds refuse to start without one
     sys.stdout.write(json.dumps(ready) + "\n")

@@ -305,7 +305,7 @@ class Connection:
                 "protocol": P.PROTOCOL_VERSION,
                 "server": f"p2v-runtime {__version__}",
                 "pid": os.getpid(),
-                "busy": self.server.current_job is not None,
+                "busy": self.server.busy,
                 "limits": {
                     "max_header_bytes": P.MAX_HEADER_BYTES,
                     "max_payload_bytes": P.MAX_PAYLOAD_BYTES,
@@ -371,6 +371,7 @@ class Connection:
             return
         job.send_depth = bool(header.get("send_depth", False))
         job.preview = bool(header.get("preview", False))
+        job.queue_updates = bool(header.get("queue", False))
         self.job = self.upload = job
         log.info(
             "job %s from %s: %d frame(s) %dx%d%s",
@@ -382,8 +383,10 @@ class Connection:
             " with depth" if job.has_depth else "",
         )
         self.writer.send({"type": "job_ok", "job": job.id, "frames": count, "window": self.server.window})
-        if settings.depth_norm == "frame":
-            job.start()  # per-frame depth needs no clip statistics: edit while frames arrive
+        if settings.depth_norm == "frame" or self.server.pool is not None:
+            # Per-frame depth needs no clip statistics: edit while frames arrive. A pool's job
+            # takes its place in the queue now (its frames go to the actors as they arrive).
+            job.start()
 
     def _on_image(self, header: dict, payload_len: int) -> None:
         kind, index = header["type"], header["index"]

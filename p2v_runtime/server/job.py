@@ -112,6 +112,7 @@ class Job:
             self.spools["depth"] = Spool(os.path.join(folder, "depth.f32"), count, (height, width), "float32")
         self.send_depth = False  # the client asked for the depth each frame was edited with
         self.preview = False  # the client asked for the anchor frame only
+        self.queue_updates = False  # the client asked to hear its place in a pool's queue
         self.thread: threading.Thread | None = None
         self.started = time.monotonic()
         self.bytes_in_start = conn.bytes_in
@@ -196,6 +197,11 @@ class Job:
             return
         self.conn.writer.send(header)
 
+    def _queued(self, position: int) -> None:
+        """The job's place in the pool's queue (1: next to start), for clients that asked for it."""
+        if self.queue_updates:
+            self.conn.writer.send({"type": "queued", "position": int(position)})
+
     def _warn(self, message) -> None:
         self.conn.writer.send({"type": "warning", "message": P.one_line(str(message))})
 
@@ -218,6 +224,8 @@ class Job:
             runner_options = {"depth_sink": self._send_depth} if self.send_depth else {}
             if self.preview:
                 runner_options["preview"] = True
+            if self.server.pool is not None:
+                runner_options.update(queued=self._queued, job_id=self.id)
             iterator = self.server.job_runner(
                 frames,
                 self.settings,

@@ -115,6 +115,7 @@ class Server:
         tls: ssl.SSLContext | None = None,
         unix_path: str | None = None,
         paths: PathRules | None = None,
+        pool=None,
     ):
         if not token:
             raise ValueError("the server needs a token")
@@ -125,7 +126,11 @@ class Server:
         self.host = host
         self.port = port
         self.token = token
-        self.job_runner = job_runner or edit_job_runner
+        # With a pool (p2v serve --ray) jobs run on its actors: as many as clients may wait in its
+        # queue, each started at once (its frames go to the actors as they arrive).
+        self.pool = pool
+        self.job_runner = pool.job_runner if pool is not None else job_runner or edit_job_runner
+        self.max_jobs = max_connections if pool is not None else 1
         self.allow_remote = allow_remote
         self.read_timeout = read_timeout
         self.hello_timeout = min(DEFAULT_HELLO_TIMEOUT, read_timeout) if hello_timeout is None else hello_timeout
@@ -141,8 +146,8 @@ class Server:
         self.paths = paths or PathRules.for_server(remote=self.remote)
         self.window = window
         self.address: tuple[str, int] | None = None
-        self.current_job: Job | None = None
-        self._job_lock = threading.Lock()
+        self.jobs: list[Job] = []
+        self._jobs_lock = threading.Lock()
         self._conn_lock = threading.Lock()
         self._connections: dict[Connection, threading.Thread] = {}  # waiting and authenticated
         self._clients: set[Connection] = set()  # authenticated: the slots max_connections counts
@@ -155,6 +160,18 @@ class Server:
         self._last_activity = time.monotonic()
         self._job_ids = itertools.count(1)
         self._refused: dict[socket.socket, float] = {}  # refused sockets being drained, with deadlines
+
+    @property
+    def current_job(self) -> Job | None:
+        """The running job (the oldest one, on a pool), or None."""
+        return next((job for job in list(self.jobs) if job is not None), None)
+
+    @property
+    def busy(self) -> bool:
+        """Whether a job sent now would not start at once."""
+        if self.pool is not None:
+            return self.pool.would_wait()
+        return bool(self.jobs)
 
     @property
     def stopping(self) -> bool:
@@ -336,11 +353,7 @@ class Server:
                         continue
                     self._accept(sock, addr)
                 self._expire_refused()
-                if (
-                    self.idle_timeout
-                    and self.current_job is None
-                    and time.monotonic() - self._last_activity > self.idle_timeout
-                ):
+                if self.idle_timeout and not self.jobs and time.monotonic() - self._last_activity > self.idle_timeout:
                     log.info("unused for %g s; exiting", self.idle_timeout)
                     self._stop.set()
         finally:
@@ -481,10 +494,12 @@ class Server:
             self.touch()
 
     def _shutdown_connections(self) -> None:
-        job = self.current_job
-        if job is not None:
+        jobs = [job for job in list(self.jobs) if job is not None]
+        for job in jobs:
             job.request_cancel()
-            job.wait(CANCEL_WAIT)
+        deadline = time.monotonic() + CANCEL_WAIT
+        for job in jobs:
+            job.wait(max(0.0, deadline - time.monotonic()))
         deadline = time.monotonic() + 3.0
         with self._conn_lock:
             threads = list(self._connections.items())
@@ -506,12 +521,18 @@ class Server:
         has_depth: bool,
         needed_bytes: int,
     ) -> Job | None:
-        """Claim the one job slot; None (after telling the client why) when it cannot start."""
-        if not self._job_lock.acquire(blocking=False):
-            conn.writer.send(
-                P.error_header(P.E_BUSY, "the runtime is busy with another job; try again when it finishes", False)
-            )
-            return None
+        """Claim a job slot (the one, or a place in the pool's queue); None (after telling the client
+        why) when it cannot start."""
+        with self._jobs_lock:
+            if len(self.jobs) >= self.max_jobs:
+                busy = (
+                    f"the runtime's queue is full ({self.max_jobs} jobs); try again when one finishes"
+                    if self.pool is not None
+                    else "the runtime is busy with another job; try again when it finishes"
+                )
+                conn.writer.send(P.error_header(P.E_BUSY, busy, False))
+                return None
+            self.jobs.append(None)  # the place, taken while the job folder is made
         try:
             root = self.spool_dir or tempfile.gettempdir()
             os.makedirs(root, exist_ok=True)
@@ -524,7 +545,7 @@ class Server:
                         False,
                     )
                 )
-                self._job_lock.release()
+                self._free_place(None)
                 return None
             folder = tempfile.mkdtemp(prefix=JOB_PREFIX, dir=root)
             try:
@@ -535,13 +556,18 @@ class Server:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
         except BaseException:
-            self._job_lock.release()
+            self._free_place(None)
             raise
-        self.current_job = job
+        with self._jobs_lock:
+            self.jobs[self.jobs.index(None)] = job
         return job
 
+    def _free_place(self, job: Job | None) -> None:
+        with self._jobs_lock:
+            if job in self.jobs:
+                self.jobs.remove(job)
+
     def _end_job(self, job: Job) -> None:
-        if self.current_job is job:
-            self.current_job = None
+        if job in self.jobs:
+            self._free_place(job)
             self.touch()
-            self._job_lock.release()

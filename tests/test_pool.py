@@ -1,0 +1,209 @@
+"""``p2v serve --ray``: a pool of two CPU actors on a local Ray cluster (loopback), tiny models.
+
+One server for the module (starting Ray and two actors takes about 15 s here). Every result is
+compared bit for bit with ``edit_clip`` in this process: the chain is deterministic on CPU with
+one thread a process, so a job through the pool, spread over actors or resumed after an actor
+was killed, makes exactly the frames of a local edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ArrayFrames, synthetic_frames
+
+from p2v_runtime.client import Client
+
+pytest.importorskip("ray")
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+class PoolServer:
+    """``p2v serve --ray --actors 2 --actor-threads 1`` in a subprocess, its log kept."""
+
+    def __init__(self, *args: str):
+        env = {k: v for k, v in os.environ.items() if k != "P2V_TOKEN"}
+        env["OMP_NUM_THREADS"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "p2v_runtime.server", "--ray", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.lines: list[str] = []
+        threading.Thread(target=self._drain, daemon=True).start()
+        line = self.proc.stdout.readline()
+        assert line, f"the pool did not start: {self.log()}"
+        self.ready = json.loads(line)
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def client(self) -> Client:
+        return Client.connect(self.ready["address"], self.ready["token"])
+
+    def wait_for_log(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.log())
+            if match:
+                return match
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not in the log:\n{self.log()}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_models):
+    server = PoolServer("--actors", "2", "--actor-threads", "1")
+    yield server
+    assert server.proc.poll() is None, server.log()
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def clip_settings(tiny_settings, tmp_path):
+    """Settings of a job with its own, empty inversion cache."""
+    count = iter(range(1000))
+
+    def make(**overrides):
+        return tiny_settings(cache_dir=str(tmp_path / f"cache-{next(count)}"), **overrides)
+
+    return make
+
+
+def local_edit(frames, settings) -> list[bytes]:
+    from p2v_runtime.editor import edit_clip
+
+    return [image.tobytes() for _, image in edit_clip(ArrayFrames(frames), settings)]
+
+
+def run_job(client: Client, settings, frames, on_result=None):
+    """(results by index, the done stats, the indices in arrival order)."""
+    height, width = frames[0].shape[:2]
+    results, order, stats = {}, [], None
+    for message in client.run_job(settings, [f.tobytes() for f in frames], width, height):
+        if message.type == "result":
+            results[message["index"]] = bytes(message.payload)
+            order.append(message["index"])
+            if on_result is not None:
+                on_result(message["index"])
+        elif message.type == "done":
+            stats = message["stats"]
+    return results, stats, order
+
+
+def test_the_pool_serves_on_loopback_and_starts_two_actors(pool):
+    assert pool.ready["host"] == "127.0.0.1" and pool.ready["actors"] == 2
+    assert "pool of 2 actor(s) (CPU, 1 thread(s) each) on a local Ray cluster (node " in pool.log()
+    pids = {int(pid) for pid in re.findall(r"actor actor\d+: pid (\d+)", pool.log())}
+    assert len(pids) == 2 and os.getpid() not in pids
+
+
+def test_two_clients_at_once_both_finish_with_the_frames_of_a_local_edit(pool, clip_settings):
+    clips = [synthetic_frames(4, seed=1), synthetic_frames(4, seed=2)]
+    settings = [clip_settings(), clip_settings(prompt="a blue truck")]
+    outcomes: dict[int, tuple] = {}
+
+    def job(which: int) -> None:
+        with pool.client() as client:
+            outcomes[which] = run_job(client, settings[which], clips[which])
+
+    threads = [threading.Thread(target=job, args=(which,)) for which in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert set(outcomes) == {0, 1}, pool.log()
+    actors = set()
+    for which in (0, 1):
+        results, stats, order = outcomes[which]
+        assert order == [0, 1, 2, 3]
+        expected = local_edit(clips[which], clip_settings(prompt=settings[which].prompt))
+        assert [results[i] for i in range(4)] == expected
+        actors.add(stats["actor"])
+    assert len(actors) == 2  # both ran at once, one on each actor
+
+
+def test_the_inversions_of_one_clip_land_on_both_actors(pool, clip_settings):
+    frames = synthetic_frames(8, seed=3)
+    settings = clip_settings(steps=6)
+    with pool.client() as client:
+        results, stats, _ = run_job(client, settings, frames)
+    counts = stats["pool_inversions"]
+    assert sum(counts.values()) == 8 and len(counts) == 2 and min(counts.values()) >= 1, counts
+    assert stats["actor"] in counts and stats["pool_restarts"] == 0
+    assert [results[i] for i in range(8)] == local_edit(frames, clip_settings(steps=6))
+
+
+def test_an_actor_killed_mid_job_the_job_completes_and_matches(pool, clip_settings):
+    frames = synthetic_frames(8, seed=4)
+    settings = clip_settings(steps=6)
+    killed: list[int] = []
+
+    def kill_the_editing_actor(index: int) -> None:
+        if index == 1 and not killed:
+            pid = int(
+                pool.wait_for_log(r"job (\S+): editing on actor \S+ \(pid (\d+)\)\n(?![\s\S]*editing on)").group(2)
+            )
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    with pool.client() as client:
+        results, stats, order = run_job(client, settings, frames, kill_the_editing_actor)
+    assert killed
+    assert order == list(range(8))  # nothing sent twice, nothing missing
+    assert stats["pool_restarts"] == 1
+    assert [results[i] for i in range(8)] == local_edit(frames, clip_settings(steps=6))
+    pool.wait_for_log(r"is gone; starting actor\d+ in its place")
+
+
+def test_a_client_that_disconnects_frees_its_actor(pool, clip_settings):
+    frames = synthetic_frames(8, seed=5)
+    client = pool.client()
+    messages = client.run_job(clip_settings(steps=6), [f.tobytes() for f in frames], 64, 64)
+    for message in messages:
+        if message.type == "result":
+            break
+    client.close()
+    pool.wait_for_log(r"job \S+ ended: cancelled", timeout=30)
+    # Both actors are free again: two jobs at once start at once (neither hears a queue place).
+    test_two_clients_at_once_both_finish_with_the_frames_of_a_local_edit(pool, clip_settings)
+
+
+def test_serve_ray_options_are_checked_before_anything_starts():
+    def serve(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "p2v_runtime.server", *args], capture_output=True, text=True, timeout=120
+        )
+
+    result = serve("--actors", "2")
+    assert result.returncode == 2 and "--actors needs --ray" in result.stderr
+    result = serve("--ray", "--actor-threads", "0")
+    assert result.returncode == 2 and "--actor-threads must be at least 1" in result.stderr
+    result = serve("--ray", "--actors", "3", "--actor-threads", str(os.cpu_count() or 2))
+    assert result.returncode == 2 and "not enough for 3 actors" in result.stderr, result.stderr
