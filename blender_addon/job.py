@@ -31,6 +31,7 @@ from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
 
 FRAME_QUEUE = 4  # rendered frames waiting for the worker (memory bound)
+QUEUE_STAGE = "queue"  # status.stage while a pool's job waits for a GPU; stage_done: its place
 POLL_BUDGET = 0.05  # seconds of rendering per poll, so the UI stays responsive
 
 _current: EditJob | None = None
@@ -122,6 +123,13 @@ class EditJob:
         done = self._stage_done.get("inversion", 0) + self._stage_done.get("edit", 0)
         self._progress = max(self._progress, min(1.0, done / (2 * steps)))
         return self._progress
+
+    @property
+    def stage_text(self) -> str:
+        """What the job is doing, for the panel and the status bar (a pool's queue in words)."""
+        if self.status.stage == QUEUE_STAGE:
+            return runtime_process.wire_client.queue_text(self.status.stage_done)
+        return self.status.stage
 
     @property
     def frames_done(self) -> int:
@@ -477,6 +485,8 @@ class EditJob:
             ):
                 if message.type == "progress":
                     events.put(("progress", message["stage"], message["done"], message["total"]))
+                elif message.type == "queued":  # a pool's job waits for a GPU (1: next to start)
+                    events.put(("progress", QUEUE_STAGE, message["position"], 0))
                 elif message.type == "result":
                     name = self.output.write(message["index"], message.payload, width, height)
                     events.put(("frame", name))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .client import QUEUE_STAGE, queue_text
+
 
 class ProgressBars:
     """Progress on stderr: a tqdm bar per stage on a terminal, plain lines in logs.
@@ -25,6 +27,11 @@ class ProgressBars:
             return
         if stage == "download":
             self._download(done, total)
+            return
+        if stage == QUEUE_STAGE:  # a pool's queue: done is the job's place (1: next to start)
+            if self.printed.get(stage) != done:
+                self.printed[stage] = done
+                print(f"p2v: {queue_text(done)}", file=sys.stderr, flush=True)
             return
         if not self.interactive:
             self._line(stage, done, total)
