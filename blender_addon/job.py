@@ -190,7 +190,16 @@ class EditJob:
             pass
         return self.state
 
-    def _prepare(self) -> None:
+    def check(self) -> None:
+        """Raise :class:`P2VAddonError` (or :class:`StripTooLong`) when this job could not start; change
+        nothing and render nothing. A run of several strips checks them all before the first renders.
+        """
+        frames = self._checked_frames()
+        start = frames.first_frame + self._preview_offset(frames.count)
+        output_strip.result_channel(self.scene, self.strip, start, 1 if self.preview else frames.count)
+
+    def _checked_frames(self) -> strip_frames.StripFrames:
+        """The strip's frames (not yet opened), after every check that needs no change to anything."""
         try:
             self.settings.validate()  # the runtime's own rules and messages (the vendored schema)
         except SettingsError as exc:
@@ -199,8 +208,6 @@ class EditJob:
         frames = strip_frames.StripFrames(
             self.scene, self.strip, self.settings.depth, self.settings.zpass_render, self._frames_to_send()
         )
-        self.total = frames.count
-        self.edited_total = 1 if self.preview else frames.count
         if self.max_frames and frames.count > self.max_frames and not self.confirmed:
             raise StripTooLong(
                 f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
@@ -212,6 +219,12 @@ class EditJob:
             runtime_process.require_wire()
         else:
             runtime_process.resolve_python(self.runtime.python, self.runtime.python_hint)
+        return frames
+
+    def _prepare(self) -> None:
+        frames = self._checked_frames()
+        self.total = frames.count
+        self.edited_total = 1 if self.preview else frames.count
         self.output = output_strip.OutputStrip(
             self.scene,
             self.strip,
