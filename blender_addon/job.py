@@ -31,6 +31,7 @@ from ._vendor.settings import SettingsError
 from .errors import P2VAddonError, StripTooLong
 
 FRAME_QUEUE = 4  # rendered frames waiting for the worker (memory bound)
+QUEUE_STAGE = "queue"  # status.stage while a pool's job waits for a GPU; stage_done: its place
 POLL_BUDGET = 0.05  # seconds of rendering per poll, so the UI stays responsive
 
 _current: EditJob | None = None
@@ -124,6 +125,13 @@ class EditJob:
         return self._progress
 
     @property
+    def stage_text(self) -> str:
+        """What the job is doing, for the panel and the status bar (a pool's queue in words)."""
+        if self.status.stage == QUEUE_STAGE:
+            return runtime_process.wire_client.queue_text(self.status.stage_done)
+        return self.status.stage
+
+    @property
     def frames_done(self) -> int:
         return 0 if self.output is None else self.output.frames
 
@@ -182,7 +190,16 @@ class EditJob:
             pass
         return self.state
 
-    def _prepare(self) -> None:
+    def check(self) -> None:
+        """Raise :class:`P2VAddonError` (or :class:`StripTooLong`) when this job could not start; change
+        nothing and render nothing. A run of several strips checks them all before the first renders.
+        """
+        frames = self._checked_frames()
+        start = frames.first_frame + self._preview_offset(frames.count)
+        output_strip.result_channel(self.scene, self.strip, start, 1 if self.preview else frames.count)
+
+    def _checked_frames(self) -> strip_frames.StripFrames:
+        """The strip's frames (not yet opened), after every check that needs no change to anything."""
         try:
             self.settings.validate()  # the runtime's own rules and messages (the vendored schema)
         except SettingsError as exc:
@@ -191,8 +208,6 @@ class EditJob:
         frames = strip_frames.StripFrames(
             self.scene, self.strip, self.settings.depth, self.settings.zpass_render, self._frames_to_send()
         )
-        self.total = frames.count
-        self.edited_total = 1 if self.preview else frames.count
         if self.max_frames and frames.count > self.max_frames and not self.confirmed:
             raise StripTooLong(
                 f"Strip '{self.strip.name}' shows {frames.count} frames, more than the limit of "
@@ -204,6 +219,12 @@ class EditJob:
             runtime_process.require_wire()
         else:
             runtime_process.resolve_python(self.runtime.python, self.runtime.python_hint)
+        return frames
+
+    def _prepare(self) -> None:
+        frames = self._checked_frames()
+        self.total = frames.count
+        self.edited_total = 1 if self.preview else frames.count
         self.output = output_strip.OutputStrip(
             self.scene,
             self.strip,
@@ -477,6 +498,8 @@ class EditJob:
             ):
                 if message.type == "progress":
                     events.put(("progress", message["stage"], message["done"], message["total"]))
+                elif message.type == "queued":  # a pool's job waits for a GPU (1: next to start)
+                    events.put(("progress", QUEUE_STAGE, message["position"], 0))
                 elif message.type == "result":
                     name = self.output.write(message["index"], message.payload, width, height)
                     events.put(("frame", name))

@@ -193,7 +193,7 @@ class _StripQueue:
             waiting = f", {len(self._queue)} strip(s) waiting" if self._queue else ""
             workspace.status_text_set(
                 f"Pix2Video: {job.progress:.0%}, {job.frames_done}/{job.edited_total} frames of '{job.strip_name}', "
-                f"{job.status.stage}{waiting} (Esc to cancel)"
+                f"{job.stage_text}{waiting} (Esc to cancel)"
             )
 
     def _ended(self, context, job) -> None:

@@ -134,6 +134,15 @@ def first_free_channel(editor, source, start: int, length: int) -> int:
     raise P2VAddonError(f"No free channel above strip '{source.name}' for {frames}: make room on a channel above it")
 
 
+def result_channel(scene, source, frame_start: int, count: int) -> int:
+    """The channel a result of ``source`` would take now, or :class:`P2VAddonError` why there is none."""
+    if compat.parent_meta(source) is not None:
+        raise P2VAddonError(
+            f"Strip '{source.name}' is inside a meta strip; edit it at the top level (ungroup the meta strip first)"
+        )
+    return first_free_channel(scene.sequence_editor, source, frame_start, count)
+
+
 class OutputStrip:
     """Where the edited frames of one job go: a folder of PNGs and a growing image strip.
 
@@ -152,14 +161,9 @@ class OutputStrip:
         record: dict | None = None,
         name: str = "",
     ):
-        editor = scene.sequence_editor
-        if compat.parent_meta(source) is not None:
-            raise P2VAddonError(
-                f"Strip '{source.name}' is inside a meta strip; edit it at the top level (ungroup the meta strip first)"
-            )
         self.scene = scene
         self.count = count
-        self.channel = first_free_channel(editor, source, frame_start, count)
+        self.channel = result_channel(scene, source, frame_start, count)
         self.frame_start = frame_start
         self.source_name = source.name
         self.look = dict(look or {})

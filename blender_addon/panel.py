@@ -78,8 +78,7 @@ class SEQUENCER_PT_p2v(bpy.types.Panel):
             compat.layout_progress(
                 layout,
                 running.progress,
-                f"{running.frames_done}/{running.edited_total} frames of '{running.strip_name}', "
-                f"{running.status.stage}",
+                f"{running.frames_done}/{running.edited_total} frames of '{running.strip_name}', {running.stage_text}",
             )
             layout.operator("sequencer.p2v_cancel", text="Cancel", icon="CANCEL")
 

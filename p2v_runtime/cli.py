@@ -1,4 +1,4 @@
-"""The ``p2v`` command: edit, eval, ablate, serve, ping, models, make-tiny-models (and the benchmarks' entry points).
+"""The ``p2v`` command: edit, batch, eval, ablate, serve, ping, models, make-tiny-models (and benchmarks).
 
 Every failure a user can cause ends in one line ``p2v: error: ...`` and a non-zero exit code;
 nothing already written (input, earlier frames) is touched.
@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import threading
-from pathlib import Path
 
 from . import settings as settings_module
 from .errors import USER_ERRORS, EditCancelled
@@ -72,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     edit.add_argument("--quiet", action="store_true", help="no progress bars")
     edit.set_defaults(handler=edit_main)
+
+    from . import batch
+
+    many = commands.add_parser(
+        "batch",
+        help="edit many clips from a TOML or JSON file, here or as jobs on a `p2v serve`",
+        description="Each clip of FILE is edited as `p2v edit` edits one; see README, 'Many shots'. Exit status: "
+        "0 all done, 1 some failed (the others are done), 2 a bad file or arguments (nothing started), "
+        "130 cancelled (frames already written stay).",
+    )
+    batch.add_batch_arguments(many)
 
     from . import models_cli
 
@@ -138,16 +148,25 @@ class _Parser(argparse.ArgumentParser):
 
 
 def edit_main(args: argparse.Namespace) -> int:
-    from .errors import InputError
-    from .frames import depth_png_writer, open_depth, open_frames, write_frame
+    from .frames import depth_png_writer, open_depth, open_frames
+    from .outputs import OutputFolder, checked_output_dir
 
     settings = settings_module.from_arguments(args, "cli")
     frames = open_frames(args.input, settings.frames)
-    out_dir = _checked_output_dir(args, frames)
+    out = OutputFolder(
+        checked_output_dir(
+            args.out,
+            args.input,
+            what=f"--out {args.out}",
+            depth_dirs=(args.depth, args.save_depth),
+            overwrite=args.overwrite,
+        ),
+        f"--out {args.out}",
+    )
+    out_dir = out.folder
     depth = open_depth(args.depth, len(frames), frames.size, settings.frames) if args.depth else None
     progress = ProgressBars(enabled=not args.quiet, steps=settings.steps)
     cancel = threading.Event()
-    written = 0
     depth_sink = depth_png_writer(args.save_depth) if args.save_depth else None
     stats = EditStats()  # filled the same way by a local edit and by a server
     try:
@@ -168,28 +187,21 @@ def edit_main(args: argparse.Namespace) -> int:
             from .editor import edit_clip
 
             results = edit_clip(frames, settings, **options)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise InputError(f"cannot make --out {args.out}: {exc.strerror or exc}") from None
+        out.make()
         for index, rgb in results:
-            try:
-                write_frame(out_dir, index, rgb)
-            except OSError as exc:  # a full disk, a quota, a folder removed under us
-                raise InputError(f"cannot write frame {index} to {out_dir}: {exc.strerror or exc}") from None
-            written += 1
+            out.write(index, rgb)
     except KeyboardInterrupt:
         cancel.set()
         progress.close()
-        print(f"p2v: interrupted; {written} frame(s) kept in {out_dir}", file=sys.stderr)
+        print(f"p2v: interrupted; {out.written} frame(s) kept in {out_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except EditCancelled:
         progress.close()
-        print(f"p2v: cancelled; {written} frame(s) kept in {out_dir}", file=sys.stderr)
+        print(f"p2v: cancelled; {out.written} frame(s) kept in {out_dir}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except USER_ERRORS as exc:
         progress.close()
-        kept = f" ({written} frame(s) kept in {out_dir})" if written else ""
+        kept = f" ({out.written} frame(s) kept in {out_dir})" if out.written else ""
         print(f"p2v: error: {exc}{kept}", file=sys.stderr)
         return EXIT_ERROR
     finally:
@@ -201,34 +213,8 @@ def edit_main(args: argparse.Namespace) -> int:
             print(f"p2v: error: cannot write --stats {args.stats}: {exc.strerror or exc}", file=sys.stderr)
             return EXIT_ERROR
     if not args.quiet:
-        print(f"p2v: {written} frame(s) written to {out_dir}", file=sys.stderr)
+        print(f"p2v: {out.written} frame(s) written to {out_dir}", file=sys.stderr)
     return 0
-
-
-def _checked_output_dir(args: argparse.Namespace, frames) -> Path:
-    """Refuse outputs that would write over the input or over earlier results."""
-    from .errors import InputError
-    from .frames import existing_frames
-
-    out_dir = Path(args.out).expanduser().resolve()
-    source = Path(args.input).expanduser().resolve()
-    if out_dir == source:
-        raise InputError(
-            f"--out {args.out} is the input folder; choose another folder so the source frames stay intact"
-        )
-    for depth_dir in (args.depth, args.save_depth):
-        if depth_dir and Path(depth_dir).expanduser().resolve() == out_dir:
-            raise InputError(f"--out {args.out} is also a depth folder; choose another folder")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {args.out} exists and is not a folder")
-    already = existing_frames(out_dir) if out_dir.is_dir() else []
-    if already and not args.overwrite:
-        raise InputError(
-            f"--out {args.out} already holds {len(already)} frame(s); pass --overwrite or choose another folder"
-        )
-    if out_dir.is_dir() and not os.access(out_dir, os.W_OK):
-        raise InputError(f"--out {args.out} is not writable")
-    return out_dir
 
 
 def make_tiny_models_main(args: argparse.Namespace) -> int:

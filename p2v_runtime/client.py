@@ -41,6 +41,9 @@ EditStats = P.EditStats
 DEFAULT_PORT_HINT = "HOST:PORT, e.g. 127.0.0.1:50123, or unix:PATH"
 UNIX_PREFIX = "unix:"
 _POLL = 0.1  # seconds between looks at the cancel flag while waiting for the server
+# edit_on_server reports a pool's queue through its progress callback as
+# progress(QUEUE_STAGE, position, 0): position 1 is next to start; total 0 (it counts nothing).
+QUEUE_STAGE = "queue"
 
 
 class ServerBusy(RemoteError):
@@ -212,12 +215,15 @@ class Client:
         depth: bool = False,
         send_depth: bool = False,
         preview: bool = False,
+        queue: bool = True,
     ) -> dict:
         """Announce a job; return the ``job_ok`` header (``window``: frames allowed in flight).
 
         ``send_depth`` asks for a ``depth_used`` message before each result: the depth that frame
         was edited with (what ``--save-depth`` writes). ``preview`` asks for the anchor (frame 0)
-        only; the other frames still give the clip's depth range.
+        only; the other frames still give the clip's depth range. ``queue`` asks a pool
+        (``p2v serve --ray``) for ``queued`` messages while the job waits for a free GPU; a server
+        without a queue ignores it.
         """
         header = {
             "type": "job",
@@ -231,6 +237,8 @@ class Client:
             header["send_depth"] = True  # only when asked: older runtimes ignore the field anyway
         if preview:
             header["preview"] = True
+        if queue:
+            header["queue"] = True
         self._send(header)
         self._job_width, self._job_height = int(width), int(height)
         self.results_received = 0
@@ -288,8 +296,9 @@ class Client:
 
         ``frames`` (and ``depth``) are sequences of bytes-like objects or callables ``f(i)``
         returning one; at most ``window`` frames are sent ahead of the server's ``received``.
-        Yields ``progress``, ``warning`` and ``result`` messages (payload: bytearray RGB), with
-        ``send_depth`` also ``depth_used`` (payload: HxW float32), then ``done`` or ``cancelled``.
+        Yields ``queued`` (a pool's place in its queue, see :func:`queue_text`), ``progress``,
+        ``warning`` and ``result`` messages (payload: bytearray RGB), with ``send_depth`` also
+        ``depth_used`` (payload: HxW float32), then ``done`` or ``cancelled``.
         Setting ``cancel`` sends ``cancel`` and the iteration ends with the ``cancelled`` message
         (or ``done`` if the job finished first). A job error raises :class:`RemoteError` and leaves
         the connection ready for the next job; a lost connection raises :class:`ConnectionLost`
@@ -325,7 +334,7 @@ class Client:
                 kind = message.type
                 if kind == "received":
                     acked = max(acked, message["index"] + 1)
-                elif kind in ("progress", "result", "warning", "depth_used"):
+                elif kind in ("queued", "progress", "result", "warning", "depth_used"):
                     yield message
                 elif kind in ("done", "cancelled"):
                     ended = True
@@ -403,7 +412,7 @@ class Client:
                 )
             if message.type == kind:
                 return message
-            if message.type in ("progress", "received", "pong", "warning"):
+            if message.type in ("progress", "received", "pong", "warning", "queued"):
                 continue
             raise ProtocolError(P.E_UNEXPECTED, f"expected {kind} from the runtime, got {message.type}")
 
@@ -461,6 +470,13 @@ class Client:
         return None
 
 
+def queue_text(position: int) -> str:
+    """What a front end shows for a job waiting in a pool's queue (``queued {position}``)."""
+    if position <= 1:
+        return "queued, next to start"
+    return f"queued, {position - 1} ahead"
+
+
 def settings_to_wire(settings) -> dict:
     """The ``job`` message's settings: an ``EditSettings`` (the fields the runtime uses) or a plain dict."""
     if hasattr(settings, "to_wire"):
@@ -501,7 +517,9 @@ def edit_on_server(
     also the returned object's ``.stats``: what ``edit_clip(..., stats=)`` does locally.
     The server's warnings go to ``warn(message)`` (default: stderr, as ``edit_clip`` does), and
     with ``depth_sink`` each frame's depth (latent size, [0, 1]) to ``depth_sink(index, depth)``;
-    ``preview`` edits the anchor only, as ``edit_clip`` does. The
+    ``preview`` edits the anchor only, as ``edit_clip`` does. On a pool (``p2v serve --ray``) a
+    job waiting for a GPU is reported as ``progress("queue", position, 0)`` (1: next to start;
+    :func:`queue_text` says it in words). The
     token is ``token`` or ``$P2V_TOKEN``; ``tls_ca`` makes the connection TLS (see :class:`Client`).
     Errors are raised as the matching ``P2VError`` when
     ``p2v_runtime`` is importable (a cancel as ``EditCancelled``), else as :class:`ProtocolError`.
@@ -572,6 +590,9 @@ class RemoteEdit:
                     if message.type == "progress":
                         if progress is not None:
                             progress(message["stage"], message["done"], message["total"])
+                    elif message.type == "queued":
+                        if progress is not None:
+                            progress(QUEUE_STAGE, message["position"], 0)
                     elif message.type == "warning":
                         if warn is not None:
                             warn(message["message"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from .client import QUEUE_STAGE, queue_text
+
 
 class ProgressBars:
     """Progress on stderr: a tqdm bar per stage on a terminal, plain lines in logs.
@@ -13,10 +15,11 @@ class ProgressBars:
     finished frame instead.
     """
 
-    def __init__(self, enabled: bool = True, steps: int = 1):
+    def __init__(self, enabled: bool = True, steps: int = 1, *, prefix: str = "p2v: ", lines: bool = False):
         self.enabled = enabled
         self.steps = steps
-        self.interactive = sys.stderr.isatty()
+        self.prefix = prefix  # p2v batch names the clip: "p2v batch: shot010: "
+        self.interactive = sys.stderr.isatty() and not lines  # lines: several jobs share the terminal
         self.bars: dict = {}
         self.printed: dict = {}
 
@@ -25,6 +28,11 @@ class ProgressBars:
             return
         if stage == "download":
             self._download(done, total)
+            return
+        if stage == QUEUE_STAGE:  # a pool's queue: done is the job's place (1: next to start)
+            if self.printed.get(stage) != done:
+                self.printed[stage] = done
+                self._say(queue_text(done))
             return
         if not self.interactive:
             self._line(stage, done, total)
@@ -77,7 +85,7 @@ class ProgressBars:
         if last is None or finished or (done < total and now - last >= 5):
             self.printed["download-line"] = now
             self.printed["download-finished"] = total if done >= total else None
-            print(f"p2v: download {meter.describe()}", file=sys.stderr, flush=True)
+            self._say(f"download {meter.describe()}")
 
     def _line(self, stage: str, done: int, total: int) -> None:
         per_frame = self.steps if stage in ("inversion", "edit") else 1
@@ -88,12 +96,17 @@ class ProgressBars:
             return
         self.printed[stage] = finished
         if finished == 0:
-            print(f"p2v: {stage}...", file=sys.stderr, flush=True)
+            self._say(f"{stage}...")
         elif stage in ("depth", "inversion", "edit"):
-            print(f"p2v: {stage} {finished}/{total // per_frame} frames", file=sys.stderr, flush=True)
+            self._say(f"{stage} {finished}/{total // per_frame} frames")
 
     def warn(self, message: str) -> None:
-        print(f"p2v: warning: {message}", file=sys.stderr)
+        self._say(f"warning: {message}")
+
+    def _say(self, text: str) -> None:
+        """One whole line in one write, so lines of jobs running side by side never mix."""
+        sys.stderr.write(f"{self.prefix}{text}\n")
+        sys.stderr.flush()
 
     def close(self) -> None:
         for bar in self.bars.values():

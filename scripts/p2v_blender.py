@@ -230,7 +230,7 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
     last = [None, 0.0]
 
     def report(current):
-        line = f"{current.progress:6.1%} ({current.frames_done}/{current.total} frames, {current.status.stage})"
+        line = f"{current.progress:6.1%} ({current.frames_done}/{current.total} frames, {current.stage_text})"
         now = time.monotonic()
         if line != last[0] and (now - last[1] > 0.5 or current.frames_done != getattr(report, "frames", -1)):
             say(line, args.quiet)
