@@ -119,7 +119,7 @@ def run_job(client: Client, settings, frames, on_result=None):
 
 def test_the_pool_serves_on_loopback_and_starts_two_actors(pool):
     assert pool.ready["host"] == "127.0.0.1" and pool.ready["actors"] == 2
-    assert "pool of 2 actor(s) (CPU, 1 thread(s) each) on a local Ray cluster (node " in pool.log()
+    pool.wait_for_log(r"pool of 2 actor\(s\) \(CPU, 1 thread\(s\) each\) on a local Ray cluster", timeout=10)
     pids = {int(pid) for pid in re.findall(r"actor actor\d+: pid (\d+)", pool.log())}
     assert len(pids) == 2 and os.getpid() not in pids
 
@@ -207,3 +207,106 @@ def test_serve_ray_options_are_checked_before_anything_starts():
     assert result.returncode == 2 and "--actor-threads must be at least 1" in result.stderr
     result = serve("--ray", "--actors", "3", "--actor-threads", str(os.cpu_count() or 2))
     assert result.returncode == 2 and "not enough for 3 actors" in result.stderr, result.stderr
+
+
+def test_queue_places_arrive_in_order_old_clients_hear_none_and_a_cancelled_queued_job_never_starts(
+    pool, clip_settings
+):
+    """Both actors busy: an old-style client (no ``queue`` asked) waits first in line and hears no
+    ``queued``; a second one hears it is second, cancels, and never starts; the first then runs."""
+    editing_before = len(re.findall(r"editing on actor", pool.log()))
+    long_jobs = []
+    for seed in (6, 7):
+        frames = synthetic_frames(8, seed=seed)
+        thread = threading.Thread(
+            target=lambda f=frames: run_job(pool.client(), clip_settings(steps=10), f), daemon=True
+        )
+        thread.start()
+        long_jobs.append(thread)
+    deadline = time.monotonic() + 60
+    while len(re.findall(r"editing on actor", pool.log())) < editing_before + 2:
+        assert time.monotonic() < deadline, pool.log()
+        time.sleep(0.05)
+
+    frames = synthetic_frames(3, seed=8)
+    old = pool.client()
+    old.submit(clip_settings(), 3, 64, 64, queue=False)
+    for index, frame in enumerate(frames):
+        old.send_frame(index, frame.tobytes())
+    pool.wait_for_log(r"job (\S+) from \S+: 3 frame\(s\)")
+
+    cancel = threading.Event()
+    heard: list = []
+    with pool.client() as second:
+        for message in second.run_job(clip_settings(), [f.tobytes() for f in frames], 64, 64, cancel=cancel):
+            heard.append((message.type, message.header.get("position", message.header.get("frames_done"))))
+            if message.type == "queued":
+                cancel.set()
+    assert heard == [("queued", 2), ("cancelled", 0)]
+
+    kinds, results = [], {}
+    while True:
+        message = old.next_message(120)
+        kinds.append(message.type)
+        if message.type == "result":
+            results[message["index"]] = bytes(message.payload)
+        if message.type in ("done", "cancelled"):
+            break
+    old.close()
+    assert "queued" not in kinds and kinds[-1] == "done"
+    assert [results[i] for i in range(3)] == local_edit(frames, clip_settings())
+    for thread in long_jobs:
+        thread.join(120)
+    # The two long jobs and the old client's job ran; the cancelled one never reached an actor.
+    assert len(re.findall(r"editing on actor", pool.log())) == editing_before + 3
+
+
+def test_p2v_edit_and_batch_through_the_pool_write_the_pngs_of_a_local_p2v_edit(pool, tiny_models, tmp_path):
+    """Same PNG files, byte for byte (frames and --save-depth), from ``p2v edit`` in this process,
+    ``p2v edit --server`` on the pool, and a two-clip ``p2v batch --server`` on the pool."""
+    from conftest import tiny_edit_options, write_png_clip
+
+    from p2v_runtime import cli
+
+    clips = [write_png_clip(tmp_path / f"clip{n}", synthetic_frames(4, seed=10 + n)) for n in (0, 1)]
+
+    def edit(clip, out, cache, *extra):
+        args = [
+            "edit",
+            str(clip),
+            "--out",
+            str(out),
+            "--prompt",
+            "a red sports car",
+            "--save-depth",
+            str(out) + "-depth",
+        ]
+        return cli.main([*args, *tiny_edit_options(tiny_models, tmp_path / cache), *extra])
+
+    def files(folder):
+        return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())}
+
+    os.environ["P2V_TOKEN"] = pool.ready["token"]
+    try:
+        assert edit(clips[0], tmp_path / "local", "cache-local") == 0
+        assert edit(clips[0], tmp_path / "pooled", "cache-pooled", "--server", pool.ready["address"]) == 0
+        assert files(tmp_path / "pooled") == files(tmp_path / "local") != {}
+        assert files(tmp_path / "pooled-depth") == files(tmp_path / "local-depth") != {}
+
+        assert edit(clips[1], tmp_path / "local1", "cache-local1") == 0
+        defaults = {
+            "model": str(tiny_models["sd2-depth"]),
+            "captioner": str(tiny_models["blip"]),
+            "device": "cpu",
+            "cache_dir": str(tmp_path / "cache-batch"),
+        }
+        batch = {
+            "defaults": {**defaults, "prompt": "a red sports car", "size": 64, "steps": 2},  # as tiny_edit_options
+            "clips": [{"input": str(clip), "out": str(tmp_path / f"batch{n}")} for n, clip in enumerate(clips)],
+        }
+        (tmp_path / "batch.json").write_text(json.dumps(batch))
+        assert cli.main(["batch", str(tmp_path / "batch.json"), "--server", pool.ready["address"], "--quiet"]) == 0
+    finally:
+        del os.environ["P2V_TOKEN"]
+    assert files(tmp_path / "batch0") == files(tmp_path / "local")
+    assert files(tmp_path / "batch1") == files(tmp_path / "local1")
