@@ -343,8 +343,11 @@ class Pool:
             else:
                 time.sleep(0.05)
             with self._cond:
-                self._reap()
-                self._assign()
+                try:
+                    self._reap()
+                    self._assign()
+                except Exception:  # noqa: BLE001 - the dispatcher must outlive any one failure
+                    log.exception("the pool's dispatcher")
 
     def _reap(self) -> None:
         """Actors that finished starting or finished an inversion are idle again (or replaced)."""
@@ -360,6 +363,12 @@ class Pool:
                 log.warning("actor %s died (while %s)", slot.name, slot.state)
                 if slot.invert_job is not None:
                     slot.invert_job.board.release.remote(slot.name)
+                self._replace(slot)
+                continue
+            except Exception as exc:  # noqa: BLE001 - e.g. the job (and its board) ended meanwhile
+                log.info("actor %s: %s ended with %s", slot.name, slot.state, type(exc).__name__)
+                value = None
+            if slot.state == "starting" and not isinstance(value, dict):
                 self._replace(slot)
                 continue
             if slot.state == "starting":
