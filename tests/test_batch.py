@@ -429,6 +429,7 @@ def test_every_problem_is_listed_at_once(shots, tmp_path, capsys, monkeypatch):
         (["--parallel", "2"], "--parallel needs --server"),
         (["--token-file", "t"], "--token-file needs --server"),
         (["--server", "127.0.0.1:9", "--token-file", "/nonexistent/token"], "cannot read --token-file"),
+        (["--server", "gpu-box"], "--server: bad server address 'gpu-box'"),
     ],
 )
 def test_bad_arguments_are_one_line(args, expected, shots, tmp_path, capsys, monkeypatch):
