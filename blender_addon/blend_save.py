@@ -81,17 +81,17 @@ def _unlock(handle) -> None:
         fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def save_with_result(blend_path: str, opened: tuple, result: dict | None) -> str:
-    """Save the open file to ``blend_path`` with the result strip ``result`` (an
-    ``OutputStrip.spec()``); return how, for the log. ``opened`` is the file's stamp when this job
-    opened it."""
+def save_with_results(blend_path: str, opened: tuple, results: list[dict]) -> str:
+    """Save the open file to ``blend_path`` with the result strips ``results`` (``OutputStrip.spec()``
+    each); return how, for the log. ``opened`` is the file's stamp when this job opened it."""
     with locked(blend_path):
         how = "saved"
         if os.path.exists(blend_path) and file_stamp(blend_path) != opened:
             bpy.ops.wm.open_mainfile(filepath=blend_path, load_ui=False)
-            if result is not None:
+            for result in results:
                 output_strip.recreate(result)
-            how = "reopened (another job had saved it), added the strip again and saved"
+            strips = "the strip" if len(results) == 1 else f"the {len(results)} strips"
+            how = f"reopened (another job had saved it), added {strips} again and saved"
         save_atomically(blend_path)
     return how
 

@@ -91,9 +91,7 @@ def read_file(path: Path) -> dict:
         raise BatchFileError([f"cannot read {path}: {exc.strerror or exc}"]) from None
     try:
         if suffix == ".toml":
-            import tomllib
-
-            values = tomllib.loads(data.decode("utf-8"))
+            values = _toml().loads(data.decode("utf-8"))
         else:
             values = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -103,6 +101,19 @@ def read_file(path: Path) -> dict:
     if not isinstance(values, dict):
         raise BatchFileError([f"{path}: the top level must be a table with 'clips' (and 'defaults')"])
     return values
+
+
+def _toml():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the same parser as a package
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise BatchFileError(
+                ["reading TOML needs Python 3.11 or the tomli package: install it, or use JSON"]
+            ) from None
+    return tomllib
 
 
 def load_batch(path, *, overwrite: bool = False) -> list[Clip]:
@@ -430,8 +441,13 @@ def batch_main(args: argparse.Namespace) -> int:
             return _usage(f"{flag} needs --server (a local batch edits one clip after another)")
     server = None
     if args.server:
-        from .client import token_from_env
+        from .client import UNIX_PREFIX, parse_address, token_from_env
 
+        if not args.server.startswith(UNIX_PREFIX):
+            try:
+                parse_address(args.server)
+            except ValueError as exc:
+                return _usage(f"--server: {exc}")
         try:
             token = token_from_env(args.token_file)
         except OSError as exc:

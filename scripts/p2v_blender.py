@@ -1,17 +1,28 @@
-"""Edit one strip of a .blend with Pix2Video, without Blender's UI.
+"""Edit strips of a .blend with Pix2Video, without Blender's UI.
 
-    blender -b file.blend --python scripts/p2v_blender.py -- --strip NAME [--prompt "..."] [options]
+    blender -b file.blend --python scripts/p2v_blender.py -- --strip NAME [--strip NAME ...] [--prompt "..."]
+    blender -b file.blend --python scripts/p2v_blender.py -- --all-selected [--prompt "..."] [options]
     python scripts/p2v_blender.py --blend file.blend --strip NAME [--prompt "..."] [options]
 
-The second form needs a Python with the ``bpy`` module (``pip install bpy``). Both run the
+The last form needs a Python with the ``bpy`` module (``pip install bpy``). All run the
 add-on's own job code (the enabled Pix2Video add-on when Blender has one, else the copy in this
 checkout): the strip's frames go to the runtime, the edited frames into a new image strip above
-it, exactly as with the Edit Strip button. Prints progress lines on stdout.
+it, exactly as with the Edit Strip button. Prints progress lines on stdout (on a pool runtime,
+the job's place in its queue too).
 
-Exit status: 0 when every frame arrived; 1 when the edit failed or was refused (one line
-``p2v_blender: error: ...`` on stderr says why; frames already edited stay as a shorter strip);
-2 for bad arguments or settings; 130 when cancelled (Ctrl+C). ``--save`` saves the .blend with
-the new strip.
+Several strips (``--strip`` repeated, or ``--all-selected``: the selected image, movie and scene
+strips in timeline order) are each their own job, one after another on the same runtime, with
+the same settings. Every strip is checked before the first one renders (a missing name or a strip
+that cannot be edited fails the run at once, changing nothing); a strip that fails later does not
+stop the others, and keeps the frames it had.
+
+Exit status: 0 when every frame of every strip arrived; 1 when an edit failed or was refused (one
+line ``p2v_blender: error: ...`` on stderr per problem; frames already edited stay as a shorter
+strip); 2 for bad arguments or settings; 130 when cancelled (Ctrl+C: the running strip stops, the
+ones after it are not started). ``--save`` saves the .blend once at the end, with every new strip
+that has frames. ``--stats FILE`` writes the runtime's statistics of the edit; with several strips,
+``{"strips": {NAME: {"state", "frames", "message", "stats"}}}``, and ``--save-depth DIR`` then
+gets a folder per strip.
 
 Settings: the edit settings are the same as ``p2v edit``'s (generated from the one settings
 schema, ``p2v_runtime/settings.py``), plus ``--depth estimate|zpass`` and ``--zpass-render``;
@@ -50,9 +61,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Edit one strip of a .blend with Pix2Video.", allow_abbrev=False)
+    parser = _Parser(prog=PROG, description="Edit strips of a .blend with Pix2Video.", allow_abbrev=False)
     parser.add_argument("--blend", help="the .blend to open (needed when run by plain Python with bpy)")
-    parser.add_argument("--strip", required=True, help="name of the image, movie or scene strip to edit")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--strip",
+        action="append",
+        metavar="NAME",
+        help="name of the image, movie or scene strip to edit; repeat it to edit several, each as its own job",
+    )
+    which.add_argument(
+        "--all-selected",
+        action="store_true",
+        help="edit every selected image, movie and scene strip of the scene, in timeline order",
+    )
     parser.add_argument("--scene", help="scene that holds the strip (default: the file's current scene)")
     schema.add_arguments(
         parser,
@@ -180,13 +202,9 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
     scene = bpy.data.scenes.get(args.scene) if args.scene else bpy.context.scene
     if scene is None:
         return fail(f"no scene named {args.scene!r} in {bpy.data.filepath or 'the file'}")
-    editor = scene.sequence_editor
-    strip = compat.all_strips(editor).get(args.strip) if editor is not None else None
-    if strip is None:
-        names = ", ".join(sorted(s.name for s in compat.all_strips(editor))[:10]) if editor is not None else ""
-        return fail(
-            f"scene '{scene.name}' has no strip named {args.strip!r}" + (f" (it has: {names})" if names else "")
-        )
+    strips, missing = _chosen_strips(args, scene, compat)
+    if not missing and not strips:
+        return fail(f"scene '{scene.name}' has no selected image, movie or scene strip (--all-selected)")
 
     prefs = preferences.addon_preferences() if enabled else None
     properties = modules["properties"]
@@ -201,62 +219,177 @@ def _edit(args, given: dict, bpy, modules: dict, enabled: bool) -> int:
     output_dir = (
         os.path.abspath(args.output_dir) if args.output_dir else (prefs.output_dir if prefs is not None else "")
     )
-    job = modules["job"].EditJob(
-        scene,
-        strip,
-        settings,
-        runtime,
-        output_dir=output_dir,
-        max_frames=max(0, args.max_frames),
-        confirmed=args.yes,
-        save_depth_dir=os.path.abspath(args.save_depth) if args.save_depth else "",
-    )
-    try:
-        job.start()
-    except errors.StripTooLong as exc:
-        return fail(
-            f"strip '{strip.name}' shows {exc.frames} frames, more than --max-frames {exc.limit}: "
+    jobs = [
+        modules["job"].EditJob(
+            scene,
+            strip,
+            settings,
+            runtime,
+            output_dir=output_dir,
+            max_frames=max(0, args.max_frames),
+            confirmed=args.yes,
+            save_depth_dir=_depth_dir(args, strip.name, len(strips)),
+        )
+        for strip in strips
+    ]
+    # Every strip is checked before the first one renders: a typo in the last name costs nothing.
+    problems = list(missing)
+    for job in jobs:
+        try:
+            job.check()
+        except errors.P2VAddonError as exc:
+            problems.append(_refusal(exc, job.strip.name, errors))
+    if problems:
+        return _fail_all(problems)
+
+    outcomes = []  # (job, state, strip name): names read now, as a reopening save replaces the strips
+    interrupted = False
+    for job in jobs:
+        if interrupted:
+            break
+        name = job.strip.name
+        state, interrupted = _run_job(job, args, runtime, errors, several=len(jobs) > 1)
+        outcomes.append((job, state, name))
+    code = _save_and_report(args, bpy, modules, outcomes, len(jobs))
+    if code is not None:
+        return code
+    if len(jobs) == 1 and outcomes:  # one strip: its outcome is the last line, as it always was
+        _say_outcome(outcomes[0][0], outcomes[0][1], args)
+    states = [state for _, state, _ in outcomes]
+    if interrupted or "cancelled" in states:
+        return EXIT_CANCELLED
+    return EXIT_OK if states.count("done") == len(jobs) else EXIT_FAILED
+
+
+def _chosen_strips(args, scene, compat) -> tuple[list, list[str]]:
+    """The strips to edit (``--strip`` in the order given, or the selected ones in timeline order)
+    and a problem line for each name the scene does not have."""
+    editor = scene.sequence_editor
+    every = compat.all_strips(editor) if editor is not None else {}
+    if args.all_selected:
+        chosen = [
+            s
+            for s in (compat.strips(editor) if editor is not None else [])
+            if s.select and compat.strip_kind(s) in ("image", "movie", "scene")
+        ]
+        return sorted(chosen, key=lambda s: (s.frame_final_start, s.channel)), []
+    strips, problems = [], []
+    names = ", ".join(sorted(s.name for s in every)[:10]) if editor is not None else ""
+    for name in args.strip:
+        strip = every.get(name)
+        if strip is None:
+            problems.append(
+                f"scene '{scene.name}' has no strip named {name!r}" + (f" (it has: {names})" if names else "")
+            )
+        else:
+            strips.append(strip)
+    return strips, problems
+
+
+def _depth_dir(args, strip_name: str, count: int) -> str:
+    """--save-depth DIR for one strip; for several, a folder per strip inside it."""
+    if not args.save_depth:
+        return ""
+    folder = os.path.abspath(args.save_depth)
+    return folder if count == 1 else os.path.join(folder, strip_name)
+
+
+def _refusal(exc, strip_name: str, errors) -> str:
+    if isinstance(exc, errors.StripTooLong):
+        return (
+            f"strip '{strip_name}' shows {exc.frames} frames, more than --max-frames {exc.limit}: "
             "pass --yes to edit it anyway (or a smaller --frames range)"
         )
+    return str(exc)
+
+
+def _fail_all(problems: list[str]) -> int:
+    for problem in problems:
+        fail(problem)
+    return EXIT_FAILED
+
+
+def _run_job(job, args, runtime, errors, several: bool) -> tuple[str, bool]:
+    """Start and wait for one strip's job; (its state, whether Ctrl+C stopped the run)."""
+    strip, settings = job.strip, job.settings
+    try:
+        job.start()
     except errors.P2VAddonError as exc:
-        return fail(exc)
+        job.message = _refusal(exc, strip.name, errors)
+        if several:
+            fail(job.message)
+        return "failed", False
     with_depth = f", depth: Z pass ({settings.zpass_render})" if settings.depth == "zpass" else ""
     say(
         f"editing {job.total} frame(s) of strip '{strip.name}' at {job.frames.width}x{job.frames.height} "
         f"on {runtime.describe()}{with_depth}",
         args.quiet,
     )
-
-    last = [None, 0.0]
+    prefix = f"'{strip.name}': " if several else ""
+    last = {"line": None, "at": 0.0, "frames": -1, "stage": None}
 
     def report(current):
-        line = f"{current.progress:6.1%} ({current.frames_done}/{current.total} frames, {current.stage_text})"
+        stage = current.stage_text
+        line = f"{prefix}{current.progress:6.1%} ({current.frames_done}/{current.total} frames, {stage})"
         now = time.monotonic()
-        if line != last[0] and (now - last[1] > 0.5 or current.frames_done != getattr(report, "frames", -1)):
+        news = current.frames_done != last["frames"] or stage != last["stage"]  # a queue place, a new stage
+        if line != last["line"] and (now - last["at"] > 0.5 or news):
             say(line, args.quiet)
-            last[0], last[1] = line, now
-            report.frames = current.frames_done
+            last.update(line=line, at=now, frames=current.frames_done, stage=stage)
 
+    interrupted = False
     try:
         state = job.wait(on_poll=report)
     except KeyboardInterrupt:
+        interrupted = True
         job.cancel()
         state = job.wait()
-    if job.frames_done and args.save:
-        blend_save = modules["blend_save"]
+    if several:
+        _say_outcome(job, state, args)
+    return state, interrupted
+
+
+def _say_outcome(job, state: str, args) -> None:
+    if state == "done":
+        say(job.message, args.quiet)
+    elif job.message:
+        fail(job.message)
+
+
+def _save_and_report(args, bpy, modules, outcomes, count: int) -> int | None:
+    """--save (once, every result strip with frames) and --stats; an exit status if saving failed."""
+    errors = modules["errors"]
+    kept = [job for job, _, _ in outcomes if job.output is not None and job.frames_done]
+    if kept and args.save:
         path = bpy.data.filepath
         opened = (args.opened.st_mtime_ns, args.opened.st_size, args.opened.st_ino)
         try:
-            how = blend_save.save_with_result(path, opened, job.output.spec())
+            how = modules["blend_save"].save_with_results(path, opened, [job.output.spec() for job in kept])
         except errors.P2VAddonError as exc:
-            return fail(f"{exc} (the edited frames are in {job.output.folder})")
+            folders = ", ".join(job.output.folder for job in kept)
+            return fail(f"{exc} (the edited frames are in {folders})")
         say(f"{how}: {path}", args.quiet)
-    if args.stats and job.stats:
-        atomic_write_text(args.stats, json.dumps(job.stats, indent=2) + "\n")
-    if state == "done":
-        say(job.message, args.quiet)
-        return EXIT_OK
-    return fail(job.message, EXIT_CANCELLED if state == "cancelled" else EXIT_FAILED)
+    if args.stats:
+        if count == 1:  # one strip: its statistics, as the runtime reports them
+            document = outcomes[0][0].stats if outcomes and outcomes[0][0].stats else None
+        else:
+            document = {
+                "strips": {
+                    name: {
+                        "state": state,
+                        "frames": job.frames_done,
+                        "message": job.message,
+                        "stats": job.stats or None,
+                    }
+                    for job, state, name in outcomes
+                }
+            }
+        if document is not None:
+            atomic_write_text(args.stats, json.dumps(document, indent=2) + "\n")
+    if count > 1:
+        done = sum(state == "done" for _, state, _ in outcomes)
+        say(f"{done} of {count} strip(s) edited", args.quiet)
+    return None
 
 
 def _runtime_config(args, prefs, preferences, runtime_process):

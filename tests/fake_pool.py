@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 from p2v_runtime import protocol as P
 
@@ -14,11 +15,21 @@ from p2v_runtime import protocol as P
 class FakePool:
     """Each job is answered ``job_ok``, then ``queued`` with each of ``positions`` (only when the
     job asked with ``queue: true``), then ``received`` per frame, ``progress`` and the frames back,
-    then ``done``. ``jobs`` keeps every ``job`` header it was sent."""
+    then ``done``. ``jobs`` keeps every ``job`` header it was sent. ``wait``: seconds between
+    queue places (a real queue moves slowly); ``fail_after``: the first job ends with an ``input``
+    error after that many results."""
 
-    def __init__(self, token: str = "pool-token", positions: tuple[int, ...] = (3, 2, 1)):
+    def __init__(
+        self,
+        token: str = "pool-token",
+        positions: tuple[int, ...] = (3, 2, 1),
+        wait: float = 0.0,
+        fail_after: int | None = None,
+    ):
         self.token = token
         self.positions = positions
+        self.wait = wait
+        self.fail_after = fail_after
         self.jobs: list[dict] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
@@ -74,6 +85,7 @@ class FakePool:
         if job.get("queue"):
             for position in self.positions:
                 P.send_message(sock, {"type": "queued", "position": position})
+                time.sleep(self.wait)
         frames = []
         while len(frames) < count:
             message = P.read_message(sock)
@@ -86,6 +98,9 @@ class FakePool:
                 frames.append(bytes(message.payload))
                 P.send_message(sock, {"type": "received", "index": message["index"]})
         for index, frame in enumerate(frames):
+            if len(self.jobs) == 1 and index == self.fail_after:
+                P.send_message(sock, P.error_header(P.E_INPUT, f"the pool failed at frame {index}", False))
+                return
             P.send_message(sock, {"type": "progress", "stage": "edit", "done": index + 1, "total": count})
             P.send_message(sock, P.frame_header("result", index, width, height), frame)
         stats = P.EditStats(frames=count, actor="actor-1").to_dict()

@@ -269,6 +269,50 @@ def test_json_batch_edits_locally_one_after_another_with_the_models_warm(tiny_mo
     assert [line.split(",")[0] for line in out.splitlines()[:2]] == ["p2v batch: one: done", "p2v batch: two: done"]
 
 
+def test_ctrl_c_in_a_local_batch_stops_it_and_starts_no_more(tiny_models, shots, tmp_path):
+    batch = tmp_path / "shots.json"
+    defaults = {
+        "prompt": "a red car",
+        "source_prompt": "a car",
+        "model": str(tiny_models["sd2-depth"]),
+        "captioner": str(tiny_models["blip"]),
+        "device": "cpu",
+        "steps": 100,
+        "size": 64,
+        "cache_dir": str(tmp_path / "cache"),
+    }
+    clips = [
+        {"name": "one", "input": "plates/a", "out": "out/one"},
+        {"name": "two", "input": "plates/b", "out": "out/two"},
+    ]
+    batch.write_text(json.dumps({"defaults": defaults, "clips": clips}))
+    stats = tmp_path / "stats.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p2v_runtime.cli", "batch", str(batch), "--stats", str(stats)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = [], []
+    readers = [_lines_of(proc.stdout, out), _lines_of(proc.stderr, err)]
+    try:
+        _wait_for(err, "one: inversion", timeout=300)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130, "".join(out + err)
+    finally:
+        proc.kill()
+    for reader in readers:
+        reader.join(5)
+    assert out[0].startswith("p2v batch: one: cancelled") and out[-1].startswith(
+        "p2v batch: 0 of 2 clip(s) done, 1 cancelled, 1 not started"
+    ), out
+    assert not (tmp_path / "out" / "two").exists()
+    states = [c["state"] for c in json.loads(stats.read_text())["clips"]]
+    assert states == ["cancelled", "not started"]
+
+
 # --- the file, checked before anything starts --------------------------------------------------------
 
 
@@ -429,6 +473,7 @@ def test_every_problem_is_listed_at_once(shots, tmp_path, capsys, monkeypatch):
         (["--parallel", "2"], "--parallel needs --server"),
         (["--token-file", "t"], "--token-file needs --server"),
         (["--server", "127.0.0.1:9", "--token-file", "/nonexistent/token"], "cannot read --token-file"),
+        (["--server", "gpu-box"], "--server: bad server address 'gpu-box'"),
     ],
 )
 def test_bad_arguments_are_one_line(args, expected, shots, tmp_path, capsys, monkeypatch):
