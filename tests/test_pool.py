@@ -310,3 +310,16 @@ def test_p2v_edit_and_batch_through_the_pool_write_the_pngs_of_a_local_p2v_edit(
         del os.environ["P2V_TOKEN"]
     assert files(tmp_path / "batch0") == files(tmp_path / "local")
     assert files(tmp_path / "batch1") == files(tmp_path / "local1")
+
+
+def test_an_error_on_an_actor_reaches_the_client_as_its_kind_and_the_connection_goes_on(pool, clip_settings, tmp_path):
+    from p2v_runtime import protocol as P
+    from p2v_runtime.client import RemoteError
+
+    frames = synthetic_frames(2, seed=12)
+    with pool.client() as client:
+        with pytest.raises(RemoteError) as caught:
+            run_job(client, clip_settings(model=str(tmp_path / "no-such-model")), frames)
+        assert caught.value.code == P.E_MODEL_LOAD and "no-such-model" in str(caught.value)
+        results, stats, order = run_job(client, clip_settings(), frames)
+    assert order == [0, 1] and stats["frames"] == 2

@@ -17,6 +17,7 @@ import os
 import queue
 import socket
 import threading
+import time
 import traceback
 
 import ray
@@ -26,6 +27,10 @@ from ..settings import EditSettings
 from .shared import POLL, BoardFrames, BoardInversions
 
 log = logging.getLogger("p2v.pool")
+
+# Every item an actor yields is a Ray object sent to the server: progress (every denoising step)
+# goes at most this often, the latest count of each stage, so it costs the edit nothing.
+PROGRESS_EVERY = 0.1
 
 
 class EditActor:
@@ -118,11 +123,7 @@ class EditActor:
         worker = threading.Thread(target=self._run_edit, args=(job, board, skip, events, cancel), daemon=True)
         worker.start()
         try:
-            while True:
-                item = events.get()
-                if item is None:
-                    return
-                yield item
+            yield from _coalesced(events)
         finally:
             finished.set()
             cancel.set()  # the server stopped reading: stop editing too
@@ -182,3 +183,29 @@ class EditActor:
             events.put(("stats", stats.to_dict()))
             events.put(ending)
             events.put(None)
+
+
+def _coalesced(events: queue.Queue):
+    """The edit's items until ``None``, with progress thinned to one item per ``PROGRESS_EVERY``
+    (a stage's last count is always sent, and before anything that follows it)."""
+    pending, last = None, 0.0
+    while True:
+        timeout = None if pending is None else max(0.0, last + PROGRESS_EVERY - time.monotonic())
+        try:
+            item = events.get(timeout=timeout)
+        except queue.Empty:
+            item = "flush"
+        if pending is not None and (item == "flush" or item is None or item[0] != "progress" or item[1] != pending[1]):
+            yield pending
+            pending, last = None, time.monotonic()
+        if item is None:
+            return
+        if item == "flush":
+            continue
+        if item[0] != "progress":
+            yield item
+        elif time.monotonic() - last >= PROGRESS_EVERY:
+            yield item
+            last = time.monotonic()
+        else:
+            pending = item

@@ -39,6 +39,7 @@ _ERRORS = {
     "InputError": InputError,
     "ModelLoadError": ModelLoadError,
     "GpuOutOfMemory": GpuOutOfMemory,
+    "P2VError": P2VError,
 }
 
 
@@ -235,7 +236,9 @@ class Pool:
             raise EditCancelled(sent)
         if ending[0] == "error":
             _, kind, message, public = ending
-            error = _ERRORS.get(kind, P2VError)
+            error = _ERRORS.get(kind)
+            if error is None:  # a bug, not the user's: the server reports it as an internal error
+                raise RuntimeError(f"on actor {stats.actor or '?'}: {message}")
             raise error(message, public) if error is ModelLoadError else error(message)
 
     def _feed(self, job: _PoolJob, frames, depth) -> None:
