@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ArrayFrames, synthetic_frames
 
@@ -323,3 +324,39 @@ def test_an_error_on_an_actor_reaches_the_client_as_its_kind_and_the_connection_
         assert caught.value.code == P.E_MODEL_LOAD and "no-such-model" in str(caught.value)
         results, stats, order = run_job(client, clip_settings(), frames)
     assert order == [0, 1] and stats["frames"] == 2
+
+
+def test_a_z_pass_job_with_per_frame_depth_through_the_pool_matches_a_local_edit(pool, clip_settings):
+    """The add-on's Z-pass jobs: depth maps travel with the frames (the depth side of the board),
+    and the depth each frame was edited with comes back once per frame."""
+    frames = synthetic_frames(4, seed=13)
+    rng = np.random.default_rng(13)
+    depths = [(2.0 + rng.random((64, 64))).astype(np.float32) for _ in frames]
+    settings = clip_settings(depth_norm="frame")
+    results, used = {}, {}
+    with pool.client() as client:
+        messages = client.run_job(
+            settings, [f.tobytes() for f in frames], 64, 64, depth=[d.tobytes() for d in depths], send_depth=True
+        )
+        for message in messages:
+            if message.type == "result":
+                results[message["index"]] = bytes(message.payload)
+            elif message.type == "depth_used":
+                assert message["index"] not in used
+                used[message["index"]] = np.frombuffer(message.payload, "<f4")
+    from p2v_runtime.editor import edit_clip
+
+    local_used = {}
+    local = [
+        image.tobytes()
+        for _, image in edit_clip(
+            ArrayFrames(frames),
+            clip_settings(depth_norm="frame"),
+            depth=ArrayFrames(depths),
+            depth_sink=lambda index, values: local_used.__setitem__(index, values),
+        )
+    ]
+    assert [results[i] for i in range(4)] == local
+    assert sorted(used) == [0, 1, 2, 3]
+    for index in range(4):
+        assert np.array_equal(used[index], local_used[index].astype("<f4").ravel())
