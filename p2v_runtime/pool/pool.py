@@ -34,6 +34,7 @@ MAX_RESTARTS = 3  # a job moves to another actor at most this often before it fa
 CANCEL_GRACE = 30.0  # an actor that has not stopped this long after a cancel is killed (and replaced)
 ACTOR_START_TIMEOUT = 600.0  # first start of the actors (a fresh node may still be installing)
 RETRY_PENDING = 0.25  # seconds before an idle actor asks a job with nothing pending again
+MAX_START_FAILURES = 3  # an actor's place that fails to start this often in a row stays empty
 _ERRORS = {
     "SettingsError": SettingsError,
     "InputError": InputError,
@@ -57,6 +58,7 @@ class _Slot:
         self.pending_ref = started  # ready() while starting, invert_one() while inverting
         self.invert_job: _PoolJob | None = None
         self.info: dict = {}
+        self.start_failures = 0  # of this place, in a row
 
 
 class _PoolJob:
@@ -128,6 +130,8 @@ class Pool:
                 slot.info = ray.get(slot.pending_ref, timeout=left)
             except ray.exceptions.GetTimeoutError:
                 raise P2VError(f"actor {slot.name} did not start within {ACTOR_START_TIMEOUT:g} s") from None
+            except ray.exceptions.RayError as exc:
+                raise P2VError(f"actor {slot.name} could not start: {_first_line(exc)}") from None
             slot.state, slot.pending_ref = "idle", None
             log.info("actor %s: pid %s on %s (%s)", slot.name, slot.info["pid"], slot.info["host"], slot.info["device"])
         self._dispatcher = threading.Thread(target=self._dispatch_loop, name="p2v-pool", daemon=True)
@@ -267,10 +271,13 @@ class Pool:
             self._tell_positions()
             self._cond.notify_all()
             while job.slot is None:
-                if cancel.is_set() or self._closed:
+                gone = self._slots and all(slot.state == "failed" for slot in self._slots)
+                if cancel.is_set() or self._closed or gone:
                     if job in self._queue:
                         self._queue.remove(job)
                         self._tell_positions()
+                    if gone:
+                        raise P2VError("no actor of the pool is running: they failed to start (see the runtime's log)")
                     raise EditCancelled(sent)
                 self._cond.wait(0.2)
             slot, job.slot = job.slot, None
@@ -362,8 +369,8 @@ class Pool:
                 continue
             try:
                 value = ray.get(ready[0])
-            except RayActorError:
-                log.warning("actor %s died (while %s)", slot.name, slot.state)
+            except RayActorError as exc:
+                log.warning("actor %s died (while %s): %s", slot.name, slot.state, _first_line(exc))
                 if slot.invert_job is not None:
                     slot.invert_job.board.release.remote(slot.name)
                 self._replace(slot)
@@ -375,7 +382,7 @@ class Pool:
                 self._replace(slot)
                 continue
             if slot.state == "starting":
-                slot.info = value
+                slot.info, slot.start_failures = value, 0
                 log.info("actor %s: pid %s on %s (%s)", slot.name, value["pid"], value["host"], value["device"])
             elif value is False and slot.invert_job is not None:
                 slot.invert_job.next_try = time.monotonic() + RETRY_PENDING
@@ -417,12 +424,29 @@ class Pool:
         return _Slot(name, handle, handle.ready.remote())
 
     def _replace(self, slot: _Slot) -> None:
-        """A dead actor's place goes to a new one (its models load again on first use)."""
-        if slot in self._slots:
-            index = self._slots.index(slot)
-            try:
-                ray.kill(slot.handle)
-            except Exception:  # noqa: BLE001 - already gone
-                pass
-            self._slots[index] = self._new_slot()
-            log.info("actor %s is gone; starting %s in its place", slot.name, self._slots[index].name)
+        """A dead actor's place goes to a new one (its models load again on first use), unless
+        actors there keep failing to start (a node without the runtime, say): then it stays empty."""
+        if slot not in self._slots:
+            return
+        index = self._slots.index(slot)
+        try:
+            ray.kill(slot.handle)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        failures = slot.start_failures + 1 if slot.state == "starting" else 0
+        if failures >= MAX_START_FAILURES:
+            slot.state, slot.pending_ref = "failed", None
+            log.error(
+                "actor %s: %d actors in a row failed to start in its place; leaving it empty", slot.name, failures
+            )
+            self._cond.notify_all()
+            return
+        self._slots[index] = self._new_slot()
+        self._slots[index].start_failures = failures
+        log.info("actor %s is gone; starting %s in its place", slot.name, self._slots[index].name)
+
+
+def _first_line(exc: BaseException) -> str:
+    """Ray's errors carry tracebacks: their first line for a log line or a message."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
