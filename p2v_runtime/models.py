@@ -227,6 +227,17 @@ def release_all() -> None:
         _collect()
 
 
+def holds_another_depth_pipeline(model: str, device: str, dtype_setting: str) -> bool:
+    """Whether another depth pipeline than (model, device, dtype) is warm here: loading this one
+    would drop it (a pool's actor does not, just to help another job with one inversion)."""
+    device = resolve_device(device)
+    dtype, _ = choose_dtype(dtype_setting, device)
+    key = (model_location(model), device, str(dtype))
+    with _HELD_LOCK:
+        held = _HELD.get("depth")
+        return held is not None and held[0] != key
+
+
 def _warm(kind: str, key: tuple, load: Callable[[], Loaded]) -> tuple[Loaded, bool]:
     """The held model of ``kind`` if it has ``key``; else free the held one, then load and hold.
 

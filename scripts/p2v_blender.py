@@ -275,7 +275,7 @@ def _chosen_strips(args, scene, compat) -> tuple[list, list[str]]:
         return sorted(chosen, key=lambda s: (s.frame_final_start, s.channel)), []
     strips, problems = [], []
     names = ", ".join(sorted(s.name for s in every)[:10]) if editor is not None else ""
-    for name in args.strip:
+    for name in dict.fromkeys(args.strip):  # a name given twice is edited once
         strip = every.get(name)
         if strip is None:
             problems.append(
@@ -291,7 +291,9 @@ def _depth_dir(args, strip_name: str, count: int) -> str:
     if not args.save_depth:
         return ""
     folder = os.path.abspath(args.save_depth)
-    return folder if count == 1 else os.path.join(folder, strip_name)
+    # A strip's name may hold any character: a folder name of it cannot leave the given folder.
+    safe = "".join(c if c.isalnum() or c in " -_.()" else "_" for c in strip_name).strip(" .") or "strip"
+    return folder if count == 1 else os.path.join(folder, safe)
 
 
 def _refusal(exc, strip_name: str, errors) -> str:

@@ -360,3 +360,17 @@ def test_a_z_pass_job_with_per_frame_depth_through_the_pool_matches_a_local_edit
     assert sorted(used) == [0, 1, 2, 3]
     for index in range(4):
         assert np.array_equal(used[index], local_used[index].astype("<f4").ravel())
+
+
+def test_a_preview_through_the_pool_is_the_anchor_of_a_local_preview(pool, clip_settings):
+    from p2v_runtime.editor import edit_clip
+
+    frames = synthetic_frames(5, seed=14)
+    with pool.client() as client:
+        messages = list(
+            client.run_job(clip_settings(anchor="middle"), [f.tobytes() for f in frames], 64, 64, preview=True)
+        )
+    results = [m for m in messages if m.type == "result"]
+    local = list(edit_clip(ArrayFrames(frames), clip_settings(anchor="middle"), preview=True))
+    assert [(m["index"], bytes(m.payload)) for m in results] == [(index, image.tobytes()) for index, image in local]
+    assert results[0]["index"] == 2 and messages[-1].type == "done"

@@ -31,6 +31,9 @@ log = logging.getLogger("p2v.pool")
 # Every item an actor yields is a Ray object sent to the server: progress (every denoising step)
 # goes at most this often, the latest count of each stage, so it costs the edit nothing.
 PROGRESS_EVERY = 0.1
+GPU_ACTOR_THREADS = 4  # CPU threads of a GPU actor unless --actor-threads says otherwise
+# What the server reports an actor's error as (the first that the error is an instance of).
+ERROR_KINDS = ("SettingsError", "InputError", "ModelLoadError", "GpuOutOfMemory", "P2VError")
 
 
 class EditActor:
@@ -43,11 +46,12 @@ class EditActor:
         self._schedulers: dict = {}  # (model fingerprint, steps) -> inverse scheduler
 
     def ready(self) -> dict:
-        """Where the actor runs (also: it is started)."""
+        """Where the actor runs (also: it is started, and alive)."""
         import torch
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        # Ray sets OMP_NUM_THREADS to the actor's CPUs: 0 for a GPU actor, which would leave its
+        # CPU side (resizing, decoding, features in host memory) one thread.
+        torch.set_num_threads(self.threads or GPU_ACTOR_THREADS)
         return {
             "name": self.name,
             "pid": os.getpid(),
@@ -78,9 +82,11 @@ class EditActor:
         from ..editor import depth_tensor
         from ..frames import resize_rgb
         from ..inversion import InversionCache, ddim_schedulers, default_cache_dir, embed_prompt, invert_frame
-        from ..models import dtype_name, load_depth_pipeline
+        from ..models import dtype_name, holds_another_depth_pipeline, load_depth_pipeline
 
         settings = EditSettings.from_wire(spec.settings)
+        if holds_another_depth_pipeline(settings.model, settings.device, settings.dtype):
+            return None  # not worth dropping the warm model (a queued job may want it) for one inversion
         pipeline, _ = load_depth_pipeline(settings.model, settings.device, settings.dtype)
         if (pipeline.fingerprint, pipeline.device, dtype_name(pipeline.dtype)) != (
             spec.fingerprint,
@@ -172,11 +178,13 @@ class EditActor:
         except EditCancelled:
             ending = ("cancelled",)
         except USER_ERRORS as exc:
-            ending = ("error", type(exc).__name__, str(exc), getattr(exc, "public", None))
+            kind = next(k for k in ERROR_KINDS if any(c.__name__ == k for c in type(exc).__mro__))
+            ending = ("error", kind, str(exc), getattr(exc, "public", None))
         except BaseException as exc:  # noqa: BLE001 - reported to the server, which tells the client
             log.error("%s: job %s failed:\n%s", self.name, job.get("id"), traceback.format_exc())
             ending = ("error", "internal", f"{type(exc).__name__}: {exc}", None)
         finally:
+            _free_device_memory()
             # Inversions another actor computed came through the shared cache: not this disk's hits.
             stats.inversion_cache_hits -= shared.from_pool
             stats.actor = self.name
@@ -209,3 +217,15 @@ def _coalesced(events: queue.Queue):
             last = time.monotonic()
         else:
             pending = item
+
+
+def _free_device_memory() -> None:
+    """Give the job's activations and features back to the GPU (the weights stay warm), so the
+    next job's ``--feature-store auto`` sees the memory that is really free."""
+    import gc
+
+    import torch
+
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()

@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import EditCancelled, GpuOutOfMemory, InputError, ModelLoadError, P2VError
 from ..settings import EditSettings, SettingsError
@@ -35,6 +36,7 @@ CANCEL_GRACE = 30.0  # an actor that has not stopped this long after a cancel is
 ACTOR_START_TIMEOUT = 600.0  # first start of the actors (a fresh node may still be installing)
 RETRY_PENDING = 0.25  # seconds before an idle actor asks a job with nothing pending again
 MAX_START_FAILURES = 3  # an actor's place that fails to start this often in a row stays empty
+PROBE_EVERY = 10.0  # seconds between looks at an idle actor (a dead one is replaced before a job meets it)
 _ERRORS = {
     "SettingsError": SettingsError,
     "InputError": InputError,
@@ -59,6 +61,7 @@ class _Slot:
         self.invert_job: _PoolJob | None = None
         self.info: dict = {}
         self.start_failures = 0  # of this place, in a row
+        self.seen = time.monotonic()  # when it last answered
 
 
 class _PoolJob:
@@ -70,6 +73,8 @@ class _PoolJob:
         self.slot: _Slot | None = None  # set by the dispatcher: the actor that edits it now
         self.next_try = 0.0  # when idle actors may ask its board for pending inversions again
         self.refs: list = []  # its frames in the object store, owned (kept alive) by this process
+        self.uploaded = threading.Event()  # every frame is in the object store: it may take an actor
+        self.feed_error: str | None = None
         self.done = False
 
 
@@ -99,7 +104,8 @@ class Pool:
         if env:
             options["runtime_env"] = {"env_vars": env}
         try:
-            ray.init(address=self.address, namespace="p2v", **options)
+            # "local": a new cluster of this machine even where `ray start` runs one (None would join it).
+            ray.init(address=self.address or "local", namespace="p2v", **options)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise P2VError(f"cannot join the Ray cluster at {self.address or 'a new local one'}: {exc}") from None
         resources = ray.cluster_resources()
@@ -119,7 +125,9 @@ class Pool:
                 )
             resources_per_actor = {"num_cpus": self.threads}
         self._actor_class = ray.remote(**resources_per_actor)(EditActor)
-        self._board_class = ray.remote(num_cpus=0)(JobBoard)
+        # Boards live on this node: a job's state is lost only with the server itself.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self._board_class = ray.remote(num_cpus=0, scheduling_strategy=here)(JobBoard)
         with self._cond:
             for _ in range(count):
                 self._slots.append(self._new_slot())
@@ -153,7 +161,7 @@ class Pool:
     def would_wait(self) -> bool:
         """Whether a job sent now would wait for an actor."""
         with self._cond:
-            return bool(self._queue) or not any(slot.state in ("idle", "invert") for slot in self._slots)
+            return bool(self._queue) or not any(slot.state in ("idle", "invert", "probe") for slot in self._slots)
 
     def actors(self) -> list[dict]:
         """The actors' names, pids, hosts and states (the log, tests)."""
@@ -191,7 +199,7 @@ class Pool:
             "send_depth": depth_sink is not None,
         }
         threading.Thread(target=self._feed, args=(job, frames, depth), name=f"p2v-feed-{job_id}", daemon=True).start()
-        sent, depth_sent, restarts, ending = 0, set(), 0, None
+        sent, depth_sent, restarts, ending, tries = 0, set(), 0, None, 0
         try:
             with self._cond:
                 self._jobs.append(job)
@@ -199,11 +207,14 @@ class Pool:
             while ending is None:
                 slot = self._wait_for_actor(job, cancel, sent, front)
                 log.info("job %s: editing on actor %s (pid %s)", job_id, slot.name, slot.info.get("pid"))
+                started = False  # whether this actor sent anything: a loss before that is not the job's
+                tries += 1
                 try:
                     for item in self._stream(slot, spec, job, sent, cancel):
+                        started = True
                         kind = item[0]
                         if kind == "result":
-                            if preview or item[1] >= sent:
+                            if (preview and not sent) or (not preview and item[1] >= sent):
                                 yield item[1], item[2]
                                 sent += 1
                         elif kind == "progress" and progress is not None:
@@ -221,9 +232,9 @@ class Pool:
                     if cancel.is_set():
                         ending = ("cancelled",)
                         break
-                    restarts += 1
+                    restarts += started
                     log.warning("job %s: actor %s died after %d frame(s) sent", job_id, slot.name, sent)
-                    if restarts > MAX_RESTARTS:
+                    if restarts > MAX_RESTARTS or tries > MAX_RESTARTS + 2 * len(self._slots):
                         raise P2VError(f"the job lost {restarts} actors in a row; see the runtime's log") from None
                     front = True  # it waited once already: next free actor
                     continue
@@ -236,6 +247,8 @@ class Pool:
             stats.pool_inversions = ray.get(job.board.counts.remote())
         finally:
             self._end(job)
+        if ending[0] == "cancelled" and job.feed_error:
+            raise RuntimeError(f"the job's frames could not be handed to the pool: {job.feed_error}")
         if ending[0] == "cancelled":
             raise EditCancelled(sent)
         if ending[0] == "error":
@@ -257,10 +270,17 @@ class Pool:
                     ref = ray.put(np.ascontiguousarray(source.read(index)))
                     job.refs.append(ref)
                     job.board.add_frame.remote(kind, index, [ref])
+            job.uploaded.set()
+            with self._cond:
+                self._cond.notify_all()
         except EditCancelled:
             pass  # the job ended during the upload
-        except Exception:  # noqa: BLE001 - the upload failed: the server cancels the job itself
-            log.exception("job %s: reading its frames failed", job.id)
+        except Exception as exc:  # noqa: BLE001 - e.g. the object store is full and cannot spill
+            log.exception("job %s: handing its frames to the pool failed", job.id)
+            job.feed_error = f"{type(exc).__name__}: {_first_line(exc)}"
+            job.board.cancel.remote()  # an actor waiting for its frames stops
+            with self._cond:
+                self._cond.notify_all()
 
     def _wait_for_actor(self, job: _PoolJob, cancel: threading.Event, sent: int, front: bool) -> _Slot:
         with self._cond:
@@ -272,6 +292,11 @@ class Pool:
             self._cond.notify_all()
             while job.slot is None:
                 gone = self._slots and all(slot.state == "failed" for slot in self._slots)
+                if job.feed_error:
+                    if job in self._queue:
+                        self._queue.remove(job)
+                        self._tell_positions()
+                    raise RuntimeError(f"the job's frames could not be handed to the pool: {job.feed_error}")
                 if cancel.is_set() or self._closed or gone:
                     if job in self._queue:
                         self._queue.remove(job)
@@ -305,9 +330,10 @@ class Pool:
             except StopIteration:
                 return
             try:
-                yield ray.get(ref)
-            except RayActorError:
+                item = ray.get(ref)
+            except (RayActorError, ObjectLostError):  # the actor's process, or its node, is gone
                 raise ActorLost from None
+            yield item
 
     def _after_edit(self, slot: _Slot, job: _PoolJob) -> None:
         """The actor is free again, or (dead) replaced; what it had taken of the job is pending again."""
@@ -348,16 +374,17 @@ class Pool:
                 if self._closed:
                     return
                 waiting = [slot.pending_ref for slot in self._slots if slot.pending_ref is not None]
-            if waiting:
-                ray.wait(waiting, num_returns=1, timeout=0.05)
-            else:
-                time.sleep(0.05)
-            with self._cond:
-                try:
+            try:
+                if waiting:
+                    ray.wait(waiting, num_returns=1, timeout=0.05)
+                else:
+                    time.sleep(0.05)
+                with self._cond:
                     self._reap()
                     self._assign()
-                except Exception:  # noqa: BLE001 - the dispatcher must outlive any one failure
-                    log.exception("the pool's dispatcher")
+            except Exception:  # noqa: BLE001 - the dispatcher must outlive any one failure
+                log.exception("the pool's dispatcher")
+                time.sleep(0.5)
 
     def _reap(self) -> None:
         """Actors that finished starting or finished an inversion are idle again (or replaced)."""
@@ -369,14 +396,21 @@ class Pool:
                 continue
             try:
                 value = ray.get(ready[0])
+            except RayTaskError as exc:  # the call failed, not the actor (e.g. the job's board is gone)
+                log.info("actor %s: %s ended with %s", slot.name, slot.state, _first_line(exc))
+                if slot.invert_job is not None:
+                    slot.invert_job.board.release.remote(slot.name)
+                value = None
             except RayActorError as exc:
                 log.warning("actor %s died (while %s): %s", slot.name, slot.state, _first_line(exc))
                 if slot.invert_job is not None:
                     slot.invert_job.board.release.remote(slot.name)
                 self._replace(slot)
                 continue
-            except Exception as exc:  # noqa: BLE001 - e.g. the job (and its board) ended meanwhile
+            except Exception as exc:  # noqa: BLE001 - whatever it was, the inversion is not done
                 log.info("actor %s: %s ended with %s", slot.name, slot.state, type(exc).__name__)
+                if slot.invert_job is not None:
+                    slot.invert_job.board.release.remote(slot.name)
                 value = None
             if slot.state == "starting" and not isinstance(value, dict):
                 self._replace(slot)
@@ -386,14 +420,18 @@ class Pool:
                 log.info("actor %s: pid %s on %s (%s)", slot.name, value["pid"], value["host"], value["device"])
             elif value is False and slot.invert_job is not None:
                 slot.invert_job.next_try = time.monotonic() + RETRY_PENDING
-            slot.state, slot.pending_ref, slot.invert_job = "idle", None, None
+            slot.state, slot.pending_ref, slot.invert_job, slot.seen = "idle", None, None, time.monotonic()
         self._cond.notify_all()
 
     def _assign(self) -> None:
+        """Queued jobs whose frames are all in (in arrival order) to idle actors; then inversions."""
         idle = [slot for slot in self._slots if slot.state == "idle"]
         started = False
-        while self._queue and idle:
-            job, slot = self._queue.pop(0), idle.pop(0)
+        for job in [job for job in self._queue if job.uploaded.is_set()]:
+            if not idle:
+                break
+            slot = idle.pop(0)
+            self._queue.remove(job)
             slot.state = "edit"
             job.slot = slot
             started = True
@@ -402,14 +440,18 @@ class Pool:
             self._cond.notify_all()
         now = time.monotonic()
         candidates = [job for job in self._jobs if not job.done and job not in self._queue]
-        for slot in idle:
+        for slot in list(idle):
             ready = [job for job in candidates if job.next_try <= now]
             if not ready:
                 break
+            idle.remove(slot)
             job = min(ready, key=lambda j: j.next_try)  # the one asked longest ago
             job.next_try = now + RETRY_PENDING / 10  # spread the idle actors over the jobs
             slot.state, slot.invert_job = "invert", job
             slot.pending_ref = slot.handle.invert_one.remote(job.board)
+        for slot in idle:  # nothing to do: is it still there?
+            if now - slot.seen > PROBE_EVERY:
+                slot.state, slot.pending_ref = "probe", slot.handle.ready.remote()
 
     def _tell_positions(self) -> None:
         for position, job in enumerate(self._queue, start=1):

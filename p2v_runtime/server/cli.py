@@ -2,7 +2,7 @@
 
 ``--job-runner`` is hidden: tests and benchmarks pass ``echo`` to run without a model. Nothing a
 client sends can choose the runner, and the echo runner is imported only when asked for. So are
-``--max-connections``, ``--max-waiting`` and ``--auth-backoff`` (limits tests turn).
+``--max-waiting`` and ``--auth-backoff`` (limits tests turn).
 """
 
 from __future__ import annotations
@@ -170,7 +170,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --ray on a cluster without GPUs: CPU threads (and Ray CPUs) per actor (default: the "
         "cluster's CPUs shared out)",
     )
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"clients connected at once, each with a job running or queued (default {DEFAULT_MAX_CONNECTIONS}; "
+        "with --ray at least twice the actors)",
+    )
     parser.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING, help=argparse.SUPPRESS)
     parser.add_argument("--auth-backoff", type=float, default=DEFAULT_AUTH_BACKOFF, help=argparse.SUPPRESS)
     parser.add_argument("--job-runner", choices=JOB_RUNNERS, default="edit", help=argparse.SUPPRESS)
@@ -334,7 +341,7 @@ def serve_main(args: argparse.Namespace) -> int:
         frame_timeout=args.frame_timeout,
         idle_timeout=args.idle_timeout,
         spool_dir=args.spool_dir,
-        max_connections=max(1, args.max_connections),
+        max_connections=_max_connections(args, pool),
         max_waiting=max(1, args.max_waiting),
         auth_backoff=max(0.0, args.auth_backoff),
         tls=tls,
@@ -347,6 +354,14 @@ def serve_main(args: argparse.Namespace) -> int:
     finally:
         if pool is not None:
             pool.close()
+
+
+def _max_connections(args, pool) -> int:
+    if args.max_connections is not None:
+        return max(1, args.max_connections)
+    if pool is not None:  # every actor busy and as many jobs queued behind them
+        return max(DEFAULT_MAX_CONNECTIONS, 2 * len(pool.actors()))
+    return DEFAULT_MAX_CONNECTIONS
 
 
 def _start_pool(args):
