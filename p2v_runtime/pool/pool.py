@@ -235,7 +235,7 @@ class Pool:
                     restarts += started
                     log.warning("job %s: actor %s died after %d frame(s) sent", job_id, slot.name, sent)
                     if restarts > MAX_RESTARTS or tries > MAX_RESTARTS + 2 * len(self._slots):
-                        raise P2VError(f"the job lost {restarts} actors in a row; see the runtime's log") from None
+                        raise P2VError(f"the job lost its actor {tries} times; see the runtime's log") from None
                     front = True  # it waited once already: next free actor
                     continue
                 except BaseException:  # left early (a cancel, a hang-up, the server stopping): stop the actor
