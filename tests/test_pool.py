@@ -374,3 +374,24 @@ def test_a_preview_through_the_pool_is_the_anchor_of_a_local_preview(pool, clip_
     local = list(edit_clip(ArrayFrames(frames), clip_settings(anchor="middle"), preview=True))
     assert [(m["index"], bytes(m.payload)) for m in results] == [(index, image.tobytes()) for index, image in local]
     assert results[0]["index"] == 2 and messages[-1].type == "done"
+
+
+def test_actors_that_cannot_start_are_one_line_and_the_server_itself_never_imports_torch(tmp_path):
+    """A node without a working torch: the server (which never imports torch) starts the pool, and
+    the actors' failure is one line naming the cause, exit status 2."""
+    broken = tmp_path / "site" / "torch"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("this torch is broken on purpose")\n')
+    env = {k: v for k, v in os.environ.items() if k != "P2V_TOKEN"}
+    env.update(PYTHONPATH=str(tmp_path / "site"), OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "p2v_runtime.server", "--ray", "--actors", "1", "--actor-threads", "1"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "p2v serve: actor actor1 could not start: ImportError: this torch is broken on purpose" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -489,6 +490,9 @@ class Pool:
 
 
 def _first_line(exc: BaseException) -> str:
-    """Ray's errors carry tracebacks: their first line for a log line or a message."""
-    text = str(exc).strip()
+    """Ray's errors carry tracebacks: the failed call's own error, one line, for a log or a message."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, RayTaskError) and isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {_first_line(cause)}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # Ray colours its text for a terminal
     return text.splitlines()[0] if text else type(exc).__name__

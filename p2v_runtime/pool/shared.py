@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
 
 from ..errors import EditCancelled
-from ..inversion import InversionCache
+
+if TYPE_CHECKING:  # inversion.py imports torch; the server process imports this module and never does
+    from ..inversion import InversionCache
 
 POLL = 0.5  # seconds an actor waits on the board before it looks at its cancel flag again
 
