@@ -27,3 +27,11 @@ def test_light_modules_do_not_import_torch():
 
 def test_building_the_cli_parser_does_not_import_torch():
     assert modules_after("import p2v_runtime.cli\np2v_runtime.cli.build_parser()") == set()
+
+
+def test_the_pool_side_of_the_server_does_not_import_torch():
+    """``p2v serve --ray``: only the actors compute; the server process stays light."""
+    import pytest
+
+    pytest.importorskip("ray")
+    assert modules_after("import p2v_runtime.pool.pool, p2v_runtime.server.cli") == set()
