@@ -100,6 +100,10 @@ class SharedInversions(Protocol):
         """Use ``disk`` as this process's own cache under the shared one; return self."""
         ...
 
+    def has(self, key: str) -> bool:
+        """Whether this process's own cache holds the inversion (it is then not announced)."""
+        ...
+
     def announce(self, spec: InversionSpec, requests: list[InversionRequest]) -> None:
         """The inversions this edit needs and has not cached, in the order it needs them."""
         ...

@@ -224,7 +224,7 @@ def release_all() -> None:
     """Drop every warm model and give its memory back (CUDA's cached blocks included)."""
     with _HELD_LOCK:
         _HELD.clear()
-        _collect()
+        free_device_memory()
 
 
 def holds_another_depth_pipeline(model: str, device: str, dtype_setting: str) -> bool:
@@ -250,13 +250,13 @@ def _warm(kind: str, key: tuple, load: Callable[[], Loaded]) -> tuple[Loaded, bo
             return held[1], False
         if held is not None:
             del _HELD[kind], held
-            _collect()
+            free_device_memory()
         loaded = load()
         _HELD[kind] = (key, loaded)
         return loaded, True
 
 
-def _collect() -> None:
+def free_device_memory() -> None:
     """Free what dropped references held: Python cycles first, then the GPU allocator's cache."""
     gc.collect()
     if torch.cuda.is_available():

@@ -22,8 +22,8 @@ import traceback
 
 import ray
 
-from ..errors import USER_ERRORS, EditCancelled
-from ..settings import EditSettings
+from ..errors import USER_ERRORS, EditCancelled, GpuOutOfMemory, InputError, ModelLoadError, P2VError
+from ..settings import EditSettings, SettingsError
 from .shared import POLL, BoardFrames, BoardInversions
 
 log = logging.getLogger("p2v.pool")
@@ -32,8 +32,9 @@ log = logging.getLogger("p2v.pool")
 # goes at most this often, the latest count of each stage, so it costs the edit nothing.
 PROGRESS_EVERY = 0.1
 GPU_ACTOR_THREADS = 4  # CPU threads of a GPU actor unless --actor-threads says otherwise
-# What the server reports an actor's error as (the first that the error is an instance of).
-ERROR_KINDS = ("SettingsError", "InputError", "ModelLoadError", "GpuOutOfMemory", "P2VError")
+# The errors an actor reports by name, the first its error is an instance of; the server raises
+# the same class again (``pool.py``), so the client hears the same code as from one runtime.
+ERROR_KINDS = {cls.__name__: cls for cls in (SettingsError, InputError, ModelLoadError, GpuOutOfMemory, P2VError)}
 
 
 class EditActor:
@@ -148,6 +149,7 @@ class EditActor:
 
     def _run_edit(self, job: dict, board, skip: int, events: queue.Queue, cancel: threading.Event) -> None:
         from ..editor import edit_clip
+        from ..models import free_device_memory
         from ..protocol import EditStats
 
         stats = EditStats()
@@ -178,13 +180,15 @@ class EditActor:
         except EditCancelled:
             ending = ("cancelled",)
         except USER_ERRORS as exc:
-            kind = next(k for k in ERROR_KINDS if any(c.__name__ == k for c in type(exc).__mro__))
+            kind = next(name for name, cls in ERROR_KINDS.items() if isinstance(exc, cls))
             ending = ("error", kind, str(exc), getattr(exc, "public", None))
         except BaseException as exc:  # noqa: BLE001 - reported to the server, which tells the client
             log.error("%s: job %s failed:\n%s", self.name, job.get("id"), traceback.format_exc())
             ending = ("error", "internal", f"{type(exc).__name__}: {exc}", None)
         finally:
-            _free_device_memory()
+            # The job's activations and features go back to the device (the weights stay warm),
+            # so the next job's --feature-store auto sees the memory that is really free.
+            free_device_memory()
             # Inversions another actor computed came through the shared cache: not this disk's hits.
             stats.inversion_cache_hits -= shared.from_pool
             stats.actor = self.name
@@ -217,15 +221,3 @@ def _coalesced(events: queue.Queue):
             last = time.monotonic()
         else:
             pending = item
-
-
-def _free_device_memory() -> None:
-    """Give the job's activations and features back to the GPU (the weights stay warm), so the
-    next job's ``--feature-store auto`` sees the memory that is really free."""
-    import gc
-
-    import torch
-
-    if torch.cuda.is_available():
-        gc.collect()
-        torch.cuda.empty_cache()

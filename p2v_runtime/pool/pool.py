@@ -25,9 +25,9 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..errors import EditCancelled, GpuOutOfMemory, InputError, ModelLoadError, P2VError
-from ..settings import EditSettings, SettingsError
-from .actor import EditActor
+from ..errors import EditCancelled, ModelLoadError, P2VError
+from ..settings import EditSettings
+from .actor import ERROR_KINDS, EditActor
 from .board import JobBoard
 
 log = logging.getLogger("p2v.serve")
@@ -38,13 +38,6 @@ ACTOR_START_TIMEOUT = 600.0  # first start of the actors (a fresh node may still
 RETRY_PENDING = 0.25  # seconds before an idle actor asks a job with nothing pending again
 MAX_START_FAILURES = 3  # an actor's place that fails to start this often in a row stays empty
 PROBE_EVERY = 10.0  # seconds between looks at an idle actor (a dead one is replaced before a job meets it)
-_ERRORS = {
-    "SettingsError": SettingsError,
-    "InputError": InputError,
-    "ModelLoadError": ModelLoadError,
-    "GpuOutOfMemory": GpuOutOfMemory,
-    "P2VError": P2VError,
-}
 
 
 class ActorLost(Exception):
@@ -254,7 +247,7 @@ class Pool:
             raise EditCancelled(sent)
         if ending[0] == "error":
             _, kind, message, public = ending
-            error = _ERRORS.get(kind)
+            error = ERROR_KINDS.get(kind)
             if error is None:  # a bug, not the user's: the server reports it as an internal error
                 raise RuntimeError(f"on actor {stats.actor or '?'}: {message}")
             raise error(message, public) if error is ModelLoadError else error(message)
@@ -294,14 +287,10 @@ class Pool:
             while job.slot is None:
                 gone = self._slots and all(slot.state == "failed" for slot in self._slots)
                 if job.feed_error:
-                    if job in self._queue:
-                        self._queue.remove(job)
-                        self._tell_positions()
+                    self._leave_queue(job)
                     raise RuntimeError(f"the job's frames could not be handed to the pool: {job.feed_error}")
                 if cancel.is_set() or self._closed or gone:
-                    if job in self._queue:
-                        self._queue.remove(job)
-                        self._tell_positions()
+                    self._leave_queue(job)
                     if gone:
                         raise P2VError("no actor of the pool is running: they failed to start (see the runtime's log)")
                     raise EditCancelled(sent)
@@ -357,9 +346,7 @@ class Pool:
         with self._cond:
             if job in self._jobs:
                 self._jobs.remove(job)
-            if job in self._queue:
-                self._queue.remove(job)
-                self._tell_positions()
+            self._leave_queue(job)
         try:
             job.board.cancel.remote()  # idle actors stop taking its inversions
         except Exception:  # noqa: BLE001 - Ray is shutting down
@@ -453,6 +440,12 @@ class Pool:
         for slot in idle:  # nothing to do: is it still there?
             if now - slot.seen > PROBE_EVERY:
                 slot.state, slot.pending_ref = "probe", slot.handle.ready.remote()
+
+    def _leave_queue(self, job: _PoolJob) -> None:
+        """Take ``job`` out of the queue (if it is there) and tell those behind it their new place."""
+        if job in self._queue:
+            self._queue.remove(job)
+            self._tell_positions()
 
     def _tell_positions(self) -> None:
         for position, job in enumerate(self._queue, start=1):
